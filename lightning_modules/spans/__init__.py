@@ -1,0 +1,1 @@
+"""Building blocks of span-based extraction models: word encoding, spans, pruning, pairs."""

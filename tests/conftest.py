@@ -1,0 +1,58 @@
+"""Shared test set-up: offline hubs, offline W&B, and a private cache directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCIERC_DIR = REPO_ROOT.parent / "shared" / "data" / "scierc"
+TINY_CONFIG = REPO_ROOT / "configs" / "sciie" / "tiny.yaml"
+CSV_LOGGER = REPO_ROOT / "configs" / "logger" / "csv.yaml"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point PAPERLAB_CACHE (demo corpus, converted weights) at a per-session directory."""
+    cache = Path(os.environ.get("PAPERLAB_TEST_CACHE", tmp_path_factory.mktemp("paperlab-cache")))
+    os.environ["PAPERLAB_CACHE"] = str(cache)
+    return cache
+
+
+def run_train(arguments: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` in ``cwd``; fail the test with its output on a non-zero exit."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
+        and key != "RANK"
+    }
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), environment.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *arguments],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"train.py {' '.join(arguments)} exited with {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def requires_scierc() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not SCIERC_DIR.is_dir(), reason=f"SciERC data not found at {SCIERC_DIR}"
+    )

