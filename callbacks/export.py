@@ -53,7 +53,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     The staging directory is a sibling of ``target`` (same filesystem, so the final
     rename is atomic). If the block raises, the staging directory is removed and
     ``target`` is untouched. A previous ``target`` is first renamed to a backup, the
-    staging directory takes its name, and then the backup is deleted; a crash between
+    staging directory takes its name, and then the backup is deleted. A crash between
     the two renames leaves no ``target`` and a complete backup, which the next call
     restores before doing anything else.
     """

@@ -17,7 +17,7 @@ _MAX_VALUE_CHARS = 120
 
 
 class DataValidationError(ValueError):
-    """An input record is invalid; the message says where and how to fix it."""
+    """An invalid input record; the message gives its location and the fix."""
 
     def __init__(self, path: str | Path, line: int, field: str, value: Any, problem: str, fix: str):
         self.path = str(path)
@@ -68,7 +68,7 @@ def read_jsonl(path: str | Path) -> Iterator[JsonlRecord]:
     """Yield the records of a JSON Lines file.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist; the message says which path was tried.
+        FileNotFoundError: ``path`` does not exist; the message names the path tried.
         DataValidationError: a line is not valid JSON or not a JSON object.
     """
     path = Path(path)

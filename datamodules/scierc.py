@@ -54,7 +54,7 @@ class Document:
         return [index for index, sentence in enumerate(self.sentences) for _ in sentence]
 
     def to_record(self) -> dict:
-        """The SciERC JSON object for this document."""
+        """Return the SciERC JSON object of this document."""
         bounds = _sentence_bounds(self.sentences)
         ner: list[list] = [[] for _ in self.sentences]
         relations: list[list] = [[] for _ in self.sentences]
@@ -285,7 +285,7 @@ def read_documents(path: str | Path, require_labels: bool = True) -> list[Docume
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Shuffle with a generator seeded by ``seed + epoch``, so a resumed run sees the same order.
+    """Shuffle with a generator seeded by ``seed + epoch``, so a resumed run gets the same order.
 
     Lightning calls :meth:`set_epoch` at the start of every training epoch.
     """

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from callbacks.media import log_table
 from datamodules.scierc import Document, split_text
 from lightning_modules.backbones import Backbone, load_model, load_tokenizer
 from lightning_modules.metrics import CorefMetrics, SetF1
@@ -141,7 +142,7 @@ class SciIE(pl.LightningModule):
         encoder: transformers encoder (``pretrained`` name/dir or inline ``config``).
         entity_types, relation_types: label sets; None reads them from the training
             documents in ``setup`` (sorted), and the result is stored in the checkpoint.
-        max_span_width: longest candidate span in words (SciERC work uses 8 to 10).
+        max_span_width: maximum candidate span length in words (SciERC models use 8 to 10).
         window_size: subwords per encoder window including special tokens; capped at
             the encoder's maximum positions. Longer documents are split and stitched.
         width_embedding_dim: size of the span width embedding.
@@ -541,17 +542,60 @@ class SciIE(pl.LightningModule):
                 self.log(f"train/{task}_loss", value, batch_size=size)
         return output.loss
 
-    def _evaluation_step(self, documents: list[Document], split: str) -> None:
+    def _evaluation_step(self, documents: list[Document], batch_index: int, split: str) -> None:
         batch = self.featurize(documents).to(self.device)
         output = self(batch)
         self.log(f"{split}/loss", output.loss, batch_size=len(documents), sync_dist=True)
-        self.metrics[split].update(self.decode(documents, output), documents)
+        predicted = self.decode(documents, output)
+        self.metrics[split].update(predicted, documents)
+        if batch_index == 0:
+            self._log_samples(split, predicted, documents)
+
+    def _log_samples(self, split: str, predicted: list[Document], gold: list[Document]) -> None:
+        """Log the first batch's gold and predicted entities and relations as a W&B table."""
+
+        def show(document: Document) -> tuple[str, str]:
+            words = document.words
+            entities = "; ".join(
+                f"{' '.join(words[start : end + 1])} ({label})"
+                for start, end, label in sorted(document.entities)
+            )
+            relations = "; ".join(
+                f"{' '.join(words[s1 : e1 + 1])} -{label}-> {' '.join(words[s2 : e2 + 1])}"
+                for s1, e1, s2, e2, label in sorted(document.relations)
+            )
+            return entities, relations
+
+        rows = []
+        for prediction, reference in zip(predicted, gold, strict=True):
+            gold_entities, gold_relations = show(reference)
+            predicted_entities, predicted_relations = show(prediction)
+            text = " ".join(reference.words)
+            rows.append(
+                [
+                    reference.doc_key,
+                    text,
+                    gold_entities,
+                    predicted_entities,
+                    gold_relations,
+                    predicted_relations,
+                ]
+            )
+        columns = [
+            "doc_key",
+            "text",
+            "gold entities",
+            "predicted entities",
+            "gold relations",
+            "predicted relations",
+        ]
+        log_table(self._trainer, f"{split}/samples", columns, rows)
 
     def validation_step(self, documents: list[Document], batch_index: int) -> None:
-        self._evaluation_step(documents, "val")
+        self._evaluation_step(documents, batch_index, "val")
 
     def test_step(self, documents: list[Document], batch_index: int) -> None:
-        self._evaluation_step(documents, "test")
+        self._evaluation_step(documents, batch_index, "test")
 
     def _log_metrics(self, split: str) -> None:
         metrics = self.metrics[split]

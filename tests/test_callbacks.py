@@ -25,7 +25,7 @@ from callbacks.rng import collect_rng_state, restore_rng_state
 from tests.conftest import REPO_ROOT
 
 # A child process that exports an artifact of two files and hangs after writing the
-# first one, printing READY so the parent knows when to kill it.
+# first one, printing READY when the parent should kill it.
 SLOW_EXPORT = textwrap.dedent(
     """
     import sys, time

@@ -151,6 +151,8 @@ def test_wandb_offline_run_files(tmp_path: Path) -> None:
     for key in ("train/loss", "val/ner/f1", "val/rel/f1", "val/rel_strict/f1", "val/coref/avg_f1"):
         assert key.encode() in records
     assert b"val/not_logged" not in records
+    # The sample table of the first validation batch.
+    assert b"val/samples" in records
 
 
 def test_predict_writes_records_for_raw_text(

@@ -143,8 +143,8 @@ def _dequantized_gguf(spec: Backbone, auto_class: Any) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=spec.gguf_file)
-    # The weights are already plain floats; transformers only keeps the GGUF quantizer
-    # attached as a marker, and it refuses to serialize while that marker is set.
+    # The weights are already plain floats. transformers keeps the GGUF quantizer attached
+    # only as a marker, and save_pretrained raises while that marker is set.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -4,7 +4,7 @@ Notation: B documents, W words (padded), N encoder windows in the batch, L subwo
 positions per window (padded), D hidden size.
 
 Each word is represented by its first subword. A document whose subwords do not fit in
-one window is cut into overlapping windows (half-window stride); every subword then
+one window is cut into overlapping windows (half-window stride). Every subword then
 takes its vector from the window in which it has the most context on both sides, so
 the stitched sequence has no seams at window edges.
 """
