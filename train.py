@@ -2,8 +2,8 @@
 
 Any LightningModule and LightningDataModule can be chosen by ``class_path`` (for
 example ``lightning_modules.sciie.SciIE``); the method module is imported only then,
-so ``--help`` stays fast. Several ``--config`` files compose left to right, e.g. a
-trainer preset and then a method config.
+so ``--help`` stays fast. Several ``--config`` files compose left to right, and a later
+file overrides the keys it sets: a method config, then a trainer or logger preset.
 
 Weights & Biases is the default logger. Without ``WANDB_API_KEY`` in the environment
 and without an explicit ``WANDB_MODE``, it runs offline and writes the run under

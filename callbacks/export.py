@@ -117,6 +117,8 @@ class ExportArtifact(pl.Callback):
                 f"{type(pl_module).__name__} has none. Remove the callback or implement the method."
             )
 
+    # NOTE: only global rank 0 reads the module's state_dict. That is complete under DDP;
+    # under FSDP the parameters are sharded and this export has not been run.
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every rank reaches this hook; only global rank 0 writes.
         if not trainer.is_global_zero:

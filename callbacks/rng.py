@@ -52,7 +52,7 @@ class RngStateCheckpoint(pl.Callback):
 
     The states are applied in ``on_train_start``, after the sanity-check validation,
     whose random draws would otherwise shift every later draw of the resumed run.
-    CUDA generators are not stored: GPU kernels are not bitwise deterministic anyway.
+    NOTE: CUDA generators are not stored, so dropout masks on a GPU differ after a resume.
 
     Assumptions: every DataLoader has its own ``generator``. Creating a DataLoader
     iterator draws a worker seed, from the global generator by default, and Lightning

@@ -72,7 +72,8 @@ class Document:
         }
 
 
-# A sentence ends at ., ! or ? followed by whitespace and an upper-case letter, digit or quote.
+# A sentence ends at ., ! or ? followed by whitespace and an ASCII capital letter, a digit,
+# a quote or an opening bracket.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 # Words are runs of letters/digits joined by inner hyphens, apostrophes or periods
 # (``state-of-the-art``, ``e.g``, ``3.5``), or single punctuation marks.
@@ -245,6 +246,7 @@ def parse_document(record: JsonlRecord, require_labels: bool = True) -> Document
             "write clusters as a list of clusters, each a list of [start, end]",
         )
     clusters = []
+    cluster_of: dict[Span, int] = {}
     for cluster_index, cluster in enumerate(cluster_list):
         if not isinstance(cluster, list):
             raise record.error(
@@ -273,8 +275,29 @@ def parse_document(record: JsonlRecord, require_labels: bool = True) -> Document
                 (mention[0], mention[1]),
                 document_limit,
             )
-            spans.append((mention[0], mention[1]))
+            span = (mention[0], mention[1])
+            if cluster_of.get(span) == cluster_index:
+                continue  # listed twice in the same cluster (SciERC has such cases): keep one
+            if span in cluster_of:
+                raise record.error(
+                    f"clusters[{cluster_index}]",
+                    mention,
+                    f"mention is already in cluster {cluster_of[span]}",
+                    "merge the clusters that share it, or drop the duplicate",
+                )
+            cluster_of[span] = cluster_index
+            spans.append(span)
         clusters.append(spans)
+
+    labels: dict[Span, str] = {}
+    for start, end, label in entities:
+        if labels.setdefault((start, end), label) != label:
+            raise record.error(
+                "ner",
+                [start, end, label],
+                f"span already has type {labels[(start, end)]!r}",
+                "give each span one entity type",
+            )
 
     return Document(doc_key, sentences, entities, relations, clusters)
 
@@ -317,7 +340,9 @@ class SciERCDataModule(pl.LightningDataModule):
     Args:
         data_dir: directory with the three files; None writes and uses the project's
             embedded demo sample (synthetic abstracts, see :mod:`datamodules.scierc_demo`).
-        train_file, val_file, test_file: file names inside ``data_dir``.
+        train_file: training file name inside ``data_dir``.
+        val_file: validation file name inside ``data_dir``.
+        test_file: test file name inside ``data_dir``.
         predict_file: JSON Lines to extract from; records hold ``sentences`` or raw ``text``.
         batch_size: documents per batch.
         num_workers: DataLoader worker processes.
@@ -338,6 +363,12 @@ class SciERCDataModule(pl.LightningDataModule):
         max_train_documents: int | None = None,
     ):
         super().__init__()
+        if max_train_documents is not None and max_train_documents < 1:
+            raise ValueError(
+                f"max_train_documents={max_train_documents} must be at least 1, or None for all."
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1.")
         self.save_hyperparameters()
         self.splits: dict[str, list[Document]] = {}
 
@@ -347,10 +378,16 @@ class SciERCDataModule(pl.LightningDataModule):
         from datamodules.scierc_demo import write_demo_corpus
         from lightning_modules.backbones.loading import cache_root
 
-        return write_demo_corpus(cache_root() / "scierc_demo")
+        directory = cache_root() / "scierc_demo"
+        if not all(
+            (directory / name).is_file() for name in ("train.json", "dev.json", "test.json")
+        ):
+            write_demo_corpus(directory)
+        return directory
 
     def prepare_data(self) -> None:
-        # Writes the demo sample once, on the main process, before any rank reads it.
+        # Lightning calls this on one process before any rank runs setup, so the demo
+        # sample exists before it is read.
         self._directory()
 
     def setup(self, stage: str) -> None:

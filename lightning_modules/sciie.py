@@ -21,6 +21,7 @@ so the number of pairs grows linearly with document length.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -140,19 +141,22 @@ class SciIE(pl.LightningModule):
 
     Args:
         encoder: transformers encoder (``pretrained`` name/dir or inline ``config``).
-        entity_types, relation_types: label sets; None reads them from the training
-            documents in ``setup`` (sorted), and the result is stored in the checkpoint.
+        entity_types: entity labels; None reads them from the training documents in
+            ``setup`` (sorted), and the result is stored in the checkpoint.
+        relation_types: relation labels, found like ``entity_types`` when None.
         max_span_width: maximum candidate span length in words (SciERC models use 8 to 10).
         window_size: subwords per encoder window including special tokens; capped at
             the encoder's maximum positions. Longer documents are split and stitched.
         width_embedding_dim: size of the span width embedding.
         hidden_dim: hidden size of every scorer.
         dropout: dropout inside the scorers.
-        relation_spans_per_word, coref_spans_per_word: pruning ratios (DyGIE++ keeps
-            0.4 spans per word for relations).
+        relation_spans_per_word: spans kept per word for relation pairs (DyGIE++ keeps 0.4).
+        coref_spans_per_word: spans kept per word for coreference.
         max_antecedents: antecedent candidates per span for coreference.
-        entity_weight, relation_weight, coref_weight: task loss weights; a weight of 0
-            skips that task's scorer, loss, predictions and metrics.
+        entity_weight: entity loss weight; 0 skips the entity scorer, loss, predictions
+            and metrics.
+        relation_weight: relation loss weight; 0 skips that task likewise.
+        coref_weight: coreference loss weight; 0 skips that task likewise.
         learning_rate: AdamW learning rate of the span scorers.
         encoder_learning_rate: AdamW learning rate of the encoder.
         weight_decay: AdamW weight decay (all parameters).
@@ -227,6 +231,20 @@ class SciIE(pl.LightningModule):
             problems.append(f"prior_probability={prior} must be strictly between 0 and 1")
         if arguments["max_antecedents"] < 1:
             problems.append(f"max_antecedents={arguments['max_antecedents']} must be at least 1")
+        for name in ("hidden_dim", "width_embedding_dim", "learning_rate", "encoder_learning_rate"):
+            if arguments[name] <= 0:
+                problems.append(f"{name}={arguments[name]} must be positive")
+        if not 0 <= arguments["warmup_ratio"] <= 1:
+            problems.append(f"warmup_ratio={arguments['warmup_ratio']} must be between 0 and 1")
+        for name in ("entity_types", "relation_types"):
+            labels = arguments[name]
+            if labels is not None and len(set(labels)) != len(labels):
+                problems.append(f"{name}={labels} contains duplicates")
+        if arguments["encoder"].dtype != "float32":
+            problems.append(
+                f"encoder dtype {arguments['encoder'].dtype!r}: the span heads are float32, so keep "
+                "the encoder in float32 and use trainer.precision bf16-mixed for lower precision"
+            )
         if problems:
             raise ValueError("Invalid SciIE arguments: " + "; ".join(problems) + ".")
 
@@ -660,15 +678,21 @@ class SciIE(pl.LightningModule):
             if not name.startswith(("encoder.", "metrics."))
         }
         save_file(heads, str(directory / EXPORT_HEADS))
-        config = {key: value for key, value in self.hparams.items() if key != "encoder"}
+        # Only constructor arguments: LightningCLI adds private keys such as _class_path.
+        arguments = inspect.signature(type(self).__init__).parameters
+        config = {
+            key: value
+            for key, value in self.hparams.items()
+            if key in arguments and key != "encoder"
+        }
         config["encoder"] = {"dtype": self.hparams.encoder["dtype"]}
         (directory / EXPORT_CONFIG).write_text(
             json.dumps(config, indent=2) + "\n", encoding="utf-8"
         )
 
     @classmethod
-    def from_export(cls, directory: str | Path, map_location: str = "cpu") -> SciIE:
-        """Load an exported extractor; ``model.extract(["text ..."])`` then runs it."""
+    def from_export(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> SciIE:
+        """Load an exported extractor onto ``map_location``; ``model.extract(["text ..."])`` runs it."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -681,20 +705,31 @@ class SciIE(pl.LightningModule):
         encoder = Backbone(
             pretrained=str(directory / EXPORT_ENCODER), dtype=config.pop("encoder")["dtype"]
         )
+        arguments = inspect.signature(cls.__init__).parameters
+        unknown = sorted(key for key in config if key not in arguments)
+        if unknown:
+            raise ValueError(
+                f"{config_path} has keys {unknown} that SciIE does not take; "
+                "it was written by another version. Remove them or re-export."
+            )
         model = cls(encoder=encoder, **config)
         missing, unexpected = model.load_state_dict(
-            load_file(str(directory / EXPORT_HEADS), device=map_location), strict=False
+            load_file(str(directory / EXPORT_HEADS)), strict=False
         )
         missing = [name for name in missing if not name.startswith(("encoder.", "metrics."))]
         if missing or unexpected:
             raise ValueError(
                 f"{directory / EXPORT_HEADS} does not match SciIE: missing {missing}, unexpected {unexpected}."
             )
-        return model.eval()
+        return model.to(map_location).eval()
 
     @torch.no_grad()
     def extract(self, texts: list[str], batch_size: int = 8) -> list[dict]:
         """Extract entities, relations and clusters from raw texts; returns SciERC records."""
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise TypeError(
+                "extract() takes a list of strings, one per document; wrap a single text in a list."
+            )
         documents = [
             Document(f"text-{index}", split_text(text)) for index, text in enumerate(texts)
         ]

@@ -81,6 +81,16 @@ INVALID_CASES = {
     "empty document": ({"sentences": [], "ner": [], "relations": []}, "sentences", "[]"),
     "missing sentences": ({"sentences": None}, "sentences", "None"),
     "missing ner": ({"ner": None}, "ner", "None"),
+    "mention in two clusters": (
+        {"clusters": [[[1, 1], [3, 3]], [[3, 3], [2, 2]]]},
+        "clusters[1]",
+        "[3, 3]",
+    ),
+    "span with two types": (
+        {"ner": [[[1, 1, "Method"], [1, 1, "Task"]], []]},
+        "ner",
+        "[1, 1, 'Task']",
+    ),
 }
 
 
@@ -311,3 +321,8 @@ def test_document_record_round_trip(tmp_path):
     path = tmp_path / "round_trip.json"
     write_jsonl(path, [record])
     assert read_documents(path) == [document]
+
+
+def test_duplicate_mention_in_one_cluster_kept_once():
+    record = JsonlRecord(Path("d.json"), 1, with_fields(clusters=[[[1, 1], [3, 3], [1, 1]]]))
+    assert parse_document(record).clusters == [[(1, 1), (3, 3)]]

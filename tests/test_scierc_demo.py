@@ -10,7 +10,13 @@ from datamodules.scierc_demo import SPLIT_SIZES, demo_documents, write_demo_corp
 
 ENTITY_TYPES = {"Task", "Method", "Metric", "Material", "OtherScientificTerm", "Generic"}
 RELATION_TYPES = {
-    "USED-FOR", "FEATURE-OF", "HYPONYM-OF", "PART-OF", "COMPARE", "CONJUNCTION", "EVALUATE-FOR",
+    "USED-FOR",
+    "FEATURE-OF",
+    "HYPONYM-OF",
+    "PART-OF",
+    "COMPARE",
+    "CONJUNCTION",
+    "EVALUATE-FOR",
 }
 # No temporary file may remain next to the written corpus.
 EXPECTED_FILES = ["dev.json", "test.json", "train.json"]
@@ -130,7 +136,9 @@ def test_train_covers_all_types():
         for _, _, entity_type in entities
     }
     relation_types = {
-        relation[4] for document in documents for relations in document["relations"]
+        relation[4]
+        for document in documents
+        for relations in document["relations"]
         for relation in relations
     }
     assert entity_types == ENTITY_TYPES

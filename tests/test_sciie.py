@@ -386,6 +386,35 @@ def test_all_zero_weights_rejected():
         tiny_model(entity_weight=0.0, relation_weight=0.0, coref_weight=0.0)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_dim": 0}, "hidden_dim=0 must be positive"),
+        ({"warmup_ratio": 2.0}, "warmup_ratio=2.0 must be between 0 and 1"),
+        ({"entity_types": ["A", "A"]}, "contains duplicates"),
+        ({"prior_probability": 1.0}, "strictly between 0 and 1"),
+        (
+            {
+                "encoder": Backbone(
+                    config=dict(TINY_ENCODER), tokenizer=TOKENIZER_LOCATION, dtype="bfloat16"
+                )
+            },
+            "bf16-mixed",
+        ),
+    ],
+)
+def test_invalid_arguments_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**overrides)
+
+
+def test_invalid_arguments_reported_together():
+    with pytest.raises(ValueError) as error:
+        tiny_model(hidden_dim=0, max_antecedents=0)
+    assert "hidden_dim=0" in str(error.value)
+    assert "max_antecedents=0" in str(error.value)
+
+
 # ---------------------------------------------------------------- decoding
 
 

@@ -139,6 +139,23 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("export/last/sciie.json"))
 
 
+def test_export_of_cli_run_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.sciie import SciIE
+
+    monkeypatch.chdir(tmp_path)
+    fit = _fit(tmp_path, "--trainer.max_epochs", "1")
+    export = Path(fit.trainer.checkpoint_callback.dirpath).parent / "export" / "best"
+    model = SciIE.from_export(export)
+    assert model.hparams.entity_types == fit.model.hparams.entity_types
+    records = model.extract(["We propose a parser. It is fast."])
+    assert records[0]["sentences"] == [
+        ["We", "propose", "a", "parser", "."],
+        ["It", "is", "fast", "."],
+    ]
+    with pytest.raises(TypeError, match="list of strings"):
+        model.extract("We propose a parser.")
+
+
 def test_wandb_offline_run_files(tmp_path: Path) -> None:
     # No logger preset: W&B is the default logger, offline without credentials.
     run_train(

@@ -5,7 +5,8 @@ and the CoNLL reference scorer is a Perl program that scores key and response fi
 ``Metric`` whose states sum correctly across DDP processes.
 
 Every state is a scalar with ``dist_reduce_fx="sum"``, so a synced metric equals one metric
-that saw every document.
+that saw every document the processes saw. NOTE: Lightning's distributed sampler pads the
+last batch by repeating documents, so under DDP a few documents can count twice.
 
 Notation for one document: K ranges over the key (gold) clusters, R over the response
 (predicted) clusters, and ``&`` is set intersection.
