@@ -202,6 +202,8 @@ class SciIE(pl.LightningModule):
         # submodule's mode, so the encoder's dropout would stay off while fine-tuning.
         self.encoder.train()
         self.tokenizer = load_tokenizer(encoder)
+        # NOTE: RoBERTa-style encoders offset positions by 2, so their usable window is
+        # max_position_embeddings - 2; set window_size to 512 for those explicitly.
         max_positions = getattr(self.encoder.config, "max_position_embeddings", window_size)
         self.windows = SubwordWindows(self.tokenizer, min(window_size, max_positions))
         word_dim = self.encoder.config.hidden_size

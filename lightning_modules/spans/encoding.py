@@ -58,7 +58,8 @@ class SubwordWindows:
         self.content_length = window_size - len(self.prefix) - len(self.suffix)
         if self.content_length < 2:
             raise ValueError(
-                f"window_size={window_size} leaves no room for subwords; use at least 16."
+                f"window_size={window_size} leaves fewer than 2 subwords per window after the special "
+                "tokens; use a window of at least 16 subwords (the encoder's maximum is typical)."
             )
 
     def _window_starts(self, length: int) -> list[int]:
