@@ -29,11 +29,15 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_train(arguments: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python train.py ARGS`` in ``cwd``; fail the test with its output on a non-zero exit."""
+    # Distributed-launch variables left by another test would make Lightning join a
+    # process group that no longer exists. WANDB_SERVICE, set once this process has used
+    # W&B, would send the child's run to this process's W&B service, which writes the
+    # run files after the child has exited.
     environment = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))
-        and key != "RANK"
+        and key not in ("RANK", "WANDB_SERVICE")
     }
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), environment.get("PYTHONPATH", "")])
     result = subprocess.run(
