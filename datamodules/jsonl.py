@@ -64,12 +64,16 @@ class JsonlRecord:
         return value
 
 
-def read_jsonl(path: str | Path) -> Iterator[JsonlRecord]:
-    """Yield the records of a JSON Lines file.
+def read_json_lines(
+    path: str | Path, layout: str = "one JSON object per line"
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, parsed value)`` for each non-blank line of ``path``.
+
+    ``layout`` describes the expected content and goes into the fix of error messages.
 
     Raises:
         FileNotFoundError: ``path`` does not exist; the message names the path tried.
-        DataValidationError: a line is not valid JSON or not a JSON object.
+        DataValidationError: a line is not valid JSON.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,7 +83,7 @@ def read_jsonl(path: str | Path) -> Iterator[JsonlRecord]:
             if not text.strip():
                 continue
             try:
-                data = json.loads(text)
+                yield line_number, json.loads(text)
             except json.JSONDecodeError as error:
                 raise DataValidationError(
                     path,
@@ -87,18 +91,29 @@ def read_jsonl(path: str | Path) -> Iterator[JsonlRecord]:
                     "<line>",
                     text.strip(),
                     f"invalid JSON ({error.msg} at column {error.colno})",
-                    "write one complete JSON object per line",
+                    f"write {layout}",
                 ) from None
-            if not isinstance(data, dict):
-                raise DataValidationError(
-                    path,
-                    line_number,
-                    "<line>",
-                    data,
-                    f"expected a JSON object, got {type(data).__name__}",
-                    "write one JSON object ({...}) per line",
-                )
-            yield JsonlRecord(path, line_number, data)
+
+
+def read_jsonl(path: str | Path) -> Iterator[JsonlRecord]:
+    """Yield the records of a JSON Lines file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist; the message names the path tried.
+        DataValidationError: a line is not valid JSON or not a JSON object.
+    """
+    path = Path(path)
+    for line_number, data in read_json_lines(path, "one complete JSON object per line"):
+        if not isinstance(data, dict):
+            raise DataValidationError(
+                path,
+                line_number,
+                "<line>",
+                data,
+                f"expected a JSON object, got {type(data).__name__}",
+                "write one JSON object ({...}) per line",
+            )
+        yield JsonlRecord(path, line_number, data)
 
 
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:

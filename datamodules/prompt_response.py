@@ -10,17 +10,15 @@ are kept in ``PromptResponse.extra`` (for example TOFU's ``paraphrased_answer``)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader
 
-from datamodules.jsonl import DataValidationError
-from datamodules.scierc import EpochShuffleSampler
+from datamodules.jsonl import DataValidationError, read_json_lines
+from datamodules.loading import record_loader
 
 
 @dataclass
@@ -87,35 +85,18 @@ def read_prompt_response(
         ValueError: the file contains no records.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt/response file not found: {path.resolve()}")
     records: list[PromptResponse] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise DataValidationError(
-                    path,
-                    line_number,
-                    "<line>",
-                    text.strip(),
-                    f"invalid JSON ({error.msg} at column {error.colno})",
-                    "write one JSON object, or one JSON array of objects, per line",
-                ) from None
-            if isinstance(data, list):
-                for index, item in enumerate(data):
-                    records.append(
-                        _parse_object(
-                            path, line_number, f"[{index}]", item, prompt_field, response_field
-                        )
-                    )
-            else:
+    layout = "one JSON object, or one JSON array of objects, per line"
+    for line_number, data in read_json_lines(path, layout):
+        if isinstance(data, list):
+            for index, item in enumerate(data):
                 records.append(
-                    _parse_object(path, line_number, "", data, prompt_field, response_field)
+                    _parse_object(
+                        path, line_number, f"[{index}]", item, prompt_field, response_field
+                    )
                 )
+        else:
+            records.append(_parse_object(path, line_number, "", data, prompt_field, response_field))
     if not records:
         raise ValueError(f"{path} contains no records; expected prompt/response objects.")
     return records
@@ -168,22 +149,15 @@ class PromptResponseDataModule(pl.LightningDataModule):
             self.splits["val"] = self._read(self.hparams.val_file)
 
     def train_dataloader(self) -> DataLoader:
-        records = self.splits["train"]
-        return DataLoader(
-            records,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(records), self.hparams.seed),
-            collate_fn=list,
-            num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+        hparams = self.hparams
+        return record_loader(
+            self.splits["train"], hparams.batch_size, True, hparams.seed, hparams.num_workers
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:
             return []
-        return DataLoader(
-            self.splits["val"],
-            batch_size=self.hparams.batch_size,
-            collate_fn=list,
-            num_workers=self.hparams.num_workers,
+        hparams = self.hparams
+        return record_loader(
+            self.splits["val"], hparams.batch_size, False, hparams.seed, hparams.num_workers
         )

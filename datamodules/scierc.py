@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from datamodules.jsonl import JsonlRecord, read_jsonl
+from datamodules.loading import record_loader
 
 log = logging.getLogger(__name__)
 
@@ -307,33 +307,6 @@ def read_documents(path: str | Path, require_labels: bool = True) -> list[Docume
     return [parse_document(record, require_labels) for record in read_jsonl(path)]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffle with a generator seeded by ``seed + epoch``, so a resumed run gets the same order.
-
-    Lightning calls :meth:`set_epoch` at the start of every training epoch.
-    """
-
-    def __init__(self, size: int, seed: int):
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def collate_documents(documents: list[Document]) -> list[Document]:
-    """Keep documents as a list; the model featurizes them with its own tokenizer."""
-    return documents
-
-
 class SciERCDataModule(pl.LightningDataModule):
     """SciERC train/dev/test files, or the embedded demo sample when ``data_dir`` is None.
 
@@ -397,10 +370,10 @@ class SciERCDataModule(pl.LightningDataModule):
             "val": self.hparams.val_file,
             "test": self.hparams.test_file,
         }
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}[
+        needed_splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": []}[
             stage
         ]
-        for split in wanted:
+        for split in needed_splits:
             if split not in self.splits:
                 self.splits[split] = read_documents(directory / names[split])
         if "train" in self.splits and self.hparams.max_train_documents is not None:
@@ -419,18 +392,9 @@ class SciERCDataModule(pl.LightningDataModule):
         return self.splits["train"]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        documents = self.splits[split]
-        sampler = EpochShuffleSampler(len(documents), self.hparams.seed) if shuffle else None
-        return DataLoader(
-            documents,
-            batch_size=self.hparams.batch_size,
-            sampler=sampler,
-            collate_fn=collate_documents,
-            num_workers=self.hparams.num_workers,
-            # Each new iterator draws a worker base seed from this generator instead of
-            # the global one, so when Lightning creates the iterator (before or after
-            # restoring a checkpoint's RNG state) does not shift dropout masks.
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+        hparams = self.hparams
+        return record_loader(
+            self.splits[split], hparams.batch_size, shuffle, hparams.seed, hparams.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
