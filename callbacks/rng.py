@@ -55,9 +55,9 @@ class RngStateCheckpoint(pl.Callback):
     NOTE: CUDA generators are not stored, so dropout masks on a GPU differ after a resume.
 
     Assumptions: every DataLoader has its own ``generator``. Creating a DataLoader
-    iterator draws a worker seed, from the global generator by default, and Lightning
-    creates the first training iterator of a resumed run before ``on_train_start``,
-    so without a private generator one draw is missing and the dropout masks shift.
+    iterator draws a worker seed, from the global generator by default. Lightning
+    creates the first training iterator of a resumed run before ``on_train_start``, so
+    without a private generator one draw is missing and the dropout masks shift.
     """
 
     def __init__(self) -> None:

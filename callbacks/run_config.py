@@ -10,7 +10,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 
 def run_directory(trainer: pl.Trainer) -> Path:
-    """The directory of this run: ``<save_dir>/<name>/<version>``, where checkpoints go.
+    """Return the directory of this run, ``<save_dir>/<name>/<version>``, where checkpoints go.
 
     This is the layout ``ModelCheckpoint`` uses for its ``checkpoints/`` folder, so the
     saved config sits beside the checkpoints of the same run, and a second run never

@@ -1,10 +1,10 @@
 """One helper that makes a backbone parameter-efficient, for every method.
 
-``apply_adapter(model, adapter)`` takes a ``peft`` config (``LoraConfig``,
-``IA3Config``, ``PrefixTuningConfig``, ``PromptTuningConfig``, ``AdaLoraConfig``,
-``LoHaConfig``, ``LoKrConfig``; chosen by ``class_path`` in YAML) or :class:`BitFit`,
-and returns the model with only the adapter's parameters trainable. ``None`` returns
-the model unchanged, so modules call it unconditionally.
+``apply_adapter(model, adapter)`` takes a ``peft`` config or :class:`BitFit` and
+returns the model with only the adapter's parameters trainable. The peft configs
+include ``LoraConfig``, ``IA3Config``, ``PrefixTuningConfig``, ``PromptTuningConfig``,
+``AdaLoraConfig``, ``LoHaConfig`` and ``LoKrConfig``, chosen by ``class_path`` in YAML.
+``None`` returns the model unchanged, so modules call it unconditionally.
 
 Combinations the library cannot train are rejected here, before the first step, with
 the reason. Prefix tuning feeds its learned prefixes to the model as past key values,

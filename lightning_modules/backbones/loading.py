@@ -34,7 +34,7 @@ PACKAGE_PREFIX = "pypackage:"
 
 @dataclass
 class Backbone:
-    """Where a backbone's weights and tokenizer come from.
+    """Source of a backbone's weights and tokenizer.
 
     Args:
         pretrained: Hub name, local directory, or ``pypackage:<module>[/<subdir>]``.

@@ -72,8 +72,8 @@ class SpanRepresentation(nn.Module):
     The head-finding attention follows Lee et al. (2017), "End-to-end Neural Coreference
     Resolution", section 4: a softmax over the span's words of a learned linear score.
 
-    All spans that start at word w read their words from the same window x[w : w + M],
-    so the attention-weighted sums of all S spans are one batched product of
+    All spans that start at word w read their words from the same window x[w : w + M].
+    So the attention-weighted sums of all S spans are one batched product of
     [B, W, M (width), M (offset)] weights with [B, W, M (offset), D] windows, and no
     [B, S, M, D] tensor of gathered words is built. :meth:`project` goes one step
     further for the first linear layer of a scorer applied to every span: it projects
