@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.run_config import run_directory
+from lightning_modules.adapters.checkpointing import load_trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,8 @@ class ExportArtifact(pl.Callback):
             name: tensor.detach().clone() for name, tensor in pl_module.state_dict().items()
         }
         checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)
-        pl_module.load_state_dict(checkpoint["state_dict"])
+        # Checkpoints of adapter fits hold the trainable parameters only.
+        load_trainable_state(pl_module, checkpoint["state_dict"])
         try:
             export_module(pl_module, root / "best")
         finally:

@@ -12,16 +12,27 @@ Notation: B records, T tokens.
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-import lightning.pytorch as pl
 import peft
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.prompt_response import PromptResponse
-from lightning_modules.adapters import BitFit, apply_adapter, count_parameters
+from lightning_modules.adapters import (
+    AdapterHooks,
+    BitFit,
+    adapter_config,
+    apply_adapter,
+    count_parameters,
+    describe_adapter,
+    merge_adapter,
+    save_adapter,
+)
 from lightning_modules.backbones import Backbone, load_model, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -51,25 +62,33 @@ def response_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(shifted_logits.float(), shifted_labels, ignore_index=IGNORE_INDEX)
 
 
-class CausalLM(pl.LightningModule):
+class CausalLM(AdapterHooks):
     """Fine-tune a causal LM, fully or through a PEFT adapter.
 
     Args:
         model: the causal LM (``pretrained`` name/dir, ``gguf_file``, or inline ``config``).
-        adapter: a peft config (e.g. ``peft.LoraConfig``) or ``BitFit``; None trains
+        peft: a peft config (e.g. ``peft.LoraConfig``) or ``BitFit``; None trains
             every parameter.
         max_length: maximum tokens per record; longer records lose the end of the response.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        export_merged: with a peft adapter, also export the model with the adapter
+            merged into its weights (``merged/``), next to the adapter alone.
+
+    Export (``export_artifact``): ``adapter/`` (peft adapter only, safetensors) when
+    ``peft`` is a peft config, plus ``merged/`` when ``export_merged``; otherwise
+    ``model/`` (the whole model, ``save_pretrained``). ``tokenizer/`` and
+    ``causal_lm.json`` (backbone and adapter settings) always.
     """
 
     def __init__(
         self,
         model: Backbone,
-        adapter: peft.PeftConfig | BitFit | None = None,
+        peft: peft.PeftConfig | BitFit | None = None,
         max_length: int = 256,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        export_merged: bool = False,
     ):
         super().__init__()
         from transformers import AutoModelForCausalLM
@@ -79,14 +98,14 @@ class CausalLM(pl.LightningModule):
                 f"max_length={max_length} must be at least 2 (a prompt and a response token)."
             )
         spec = Backbone.coerce(model)
-        self.save_hyperparameters(ignore=["model", "adapter"])
+        self.save_hyperparameters(ignore=["model", "peft"])
         self.hparams["model"] = spec.to_dict()
-        self.hparams["adapter"] = _describe_adapter(adapter)
+        self.hparams["peft"] = describe_adapter(peft)
 
         self.tokenizer = load_tokenizer(spec)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = apply_adapter(load_model(spec, AutoModelForCausalLM), adapter)
+        self.model = apply_adapter(load_model(spec, AutoModelForCausalLM), peft)
         self.model.train()
 
     def featurize(self, records: list[PromptResponse]) -> TokenBatch:
@@ -134,6 +153,9 @@ class CausalLM(pl.LightningModule):
     def forward(self, batch: TokenBatch) -> Tensor:
         """Return the response-token loss of ``batch``."""
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # Prompt tuning prepends its virtual tokens, so the logits are longer than the
+        # input; the last T positions are those of the input tokens.
+        logits = logits[:, -batch.input_ids.shape[1] :]  # [B, T, V]
         return response_token_loss(logits, batch.labels)
 
     def training_step(self, records: list[PromptResponse], batch_index: int) -> Tensor:
@@ -157,17 +179,16 @@ class CausalLM(pl.LightningModule):
             parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
 
-
-def _describe_adapter(adapter: peft.PeftConfig | BitFit | None) -> dict | None:
-    """Plain description of ``adapter`` for checkpoint hyper-parameters (loadable with weights_only)."""
-    if adapter is None:
-        return None
-    if isinstance(adapter, BitFit):
-        return {"type": "BitFit", "include_norm": adapter.include_norm}
-    description = {"type": type(adapter).__name__}
-    for key, value in adapter.to_dict().items():
-        if isinstance(value, set):
-            value = sorted(value)
-        if value is None or isinstance(value, (str, int, float, bool, list)):
-            description[key] = value
-    return description
+    def export_artifact(self, directory: Path) -> None:
+        """Write the fine-tuned model: the adapter alone, merged, or whole (see the class doc)."""
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        (directory / "causal_lm.json").write_text(
+            json.dumps({"model": self.hparams.model, "peft": self.hparams.peft}, indent=2) + "\n"
+        )
+        if adapter_config(self.model) is None:
+            self.model.save_pretrained(str(directory / "model"), safe_serialization=True)
+            return
+        save_adapter(self.model, directory / "adapter")
+        if self.hparams.export_merged:
+            merged = merge_adapter(copy.deepcopy(self.model))
+            merged.save_pretrained(str(directory / "merged"), safe_serialization=True)

@@ -21,6 +21,7 @@ so the number of pairs grows linearly with document length.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -29,13 +30,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
+import peft
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from callbacks.media import log_table
 from datamodules.scierc import Document, split_text
+from lightning_modules.adapters import (
+    AdapterHooks,
+    BitFit,
+    adapter_config,
+    apply_adapter,
+    describe_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+)
 from lightning_modules.backbones import Backbone, load_model, load_tokenizer
 from lightning_modules.metrics import CorefMetrics, SetF1
 from lightning_modules.spans.encoding import SubwordBatch, SubwordWindows, encode_words
@@ -55,6 +66,7 @@ log = logging.getLogger(__name__)
 EXPORT_CONFIG = "sciie.json"
 EXPORT_HEADS = "heads.safetensors"
 EXPORT_ENCODER = "encoder"
+EXPORT_ENCODER_ADAPTER = "encoder_adapter"
 
 
 @dataclass
@@ -136,7 +148,7 @@ class ExtractionMetrics(nn.Module):
             metric.reset()
 
 
-class SciIE(pl.LightningModule):
+class SciIE(AdapterHooks):
     """Span-based joint extraction of entities, relations and coreference clusters.
 
     Args:
@@ -165,6 +177,12 @@ class SciIE(pl.LightningModule):
             start at log(p / (1 - p)). Every label then begins near a rare-class prior p
             instead of near the "none" score (Lin et al., 2017, "Focal Loss for Dense
             Object Detection", section 4.1). None keeps PyTorch's default initialisation.
+        peft: a peft config (``peft.LoraConfig`` with ``target_modules: [query, value]``
+            for BERT-style encoders, IA3, prompt or prefix tuning with
+            ``task_type: FEATURE_EXTRACTION``) or ``BitFit``, applied to the encoder;
+            the span scorers always train. ``encoder_learning_rate`` is then the
+            adapter's learning rate. Prompt and prefix tuning take their virtual tokens
+            from the encoder's positions, so windows get that many fewer subwords.
     """
 
     def __init__(
@@ -188,22 +206,21 @@ class SciIE(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
         prior_probability: float | None = None,
+        peft: peft.PeftConfig | BitFit | None = None,
     ):
         super().__init__()
         encoder = Backbone.coerce(encoder)
         self._check_arguments(locals())
-        self.save_hyperparameters(ignore=["encoder"])
+        self.save_hyperparameters(ignore=["encoder", "peft"])
         self.hparams["encoder"] = encoder.to_dict()
+        self.hparams["peft"] = describe_adapter(peft)
 
-        self.encoder = load_model(encoder)
+        self.encoder = apply_adapter(load_model(encoder), peft)
         # from_pretrained returns the model in eval mode, and Lightning keeps each
         # submodule's mode, so the encoder's dropout would stay off while fine-tuning.
         self.encoder.train()
         self.tokenizer = load_tokenizer(encoder)
-        # NOTE: RoBERTa-style encoders offset positions by 2, so their usable window is
-        # max_position_embeddings - 2; set window_size to 512 for those explicitly.
-        max_positions = getattr(self.encoder.config, "max_position_embeddings", window_size)
-        self.windows = SubwordWindows(self.tokenizer, min(window_size, max_positions))
+        self.windows = self._subword_windows()
         word_dim = self.encoder.config.hidden_size
         self.span_representation = SpanRepresentation(word_dim, max_span_width, width_embedding_dim)
         span_dim = self.span_representation.output_dim
@@ -212,6 +229,17 @@ class SciIE(pl.LightningModule):
         self.heads_built = False
         if entity_types is not None and relation_types is not None:
             self._build_heads()
+
+    def _subword_windows(self) -> SubwordWindows:
+        # NOTE: RoBERTa-style encoders offset positions by 2, so their usable window is
+        # max_position_embeddings - 2; set window_size to 512 for those explicitly.
+        window_size = self.hparams.window_size
+        max_positions = getattr(self.encoder.config, "max_position_embeddings", window_size)
+        adapter = adapter_config(self.encoder)
+        if adapter is not None and adapter.is_prompt_learning:
+            # Virtual tokens occupy the first positions of every window.
+            max_positions -= adapter.num_virtual_tokens
+        return SubwordWindows(self.tokenizer, min(window_size, max_positions))
 
     @staticmethod
     def _check_arguments(arguments: dict[str, Any]) -> None:
@@ -676,7 +704,19 @@ class SciIE(pl.LightningModule):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        self.encoder.save_pretrained(directory / EXPORT_ENCODER, safe_serialization=True)
+        adapter = adapter_config(self.encoder)
+        if adapter is not None and adapter.is_prompt_learning:
+            # Virtual tokens cannot be merged into weights: the base encoder and the
+            # adapter are written separately and from_export puts them back together.
+            self.encoder.get_base_model().save_pretrained(
+                directory / EXPORT_ENCODER, safe_serialization=True
+            )
+            save_adapter(self.encoder, directory / EXPORT_ENCODER_ADAPTER)
+        else:
+            encoder = (
+                self.encoder if adapter is None else merge_adapter(copy.deepcopy(self.encoder))
+            )
+            encoder.save_pretrained(directory / EXPORT_ENCODER, safe_serialization=True)
         self.tokenizer.save_pretrained(directory / EXPORT_ENCODER)
         heads = {
             name: tensor.detach().cpu().contiguous()
@@ -689,7 +729,7 @@ class SciIE(pl.LightningModule):
         config = {
             key: value
             for key, value in self.hparams.items()
-            if key in arguments and key != "encoder"
+            if key in arguments and key not in ("encoder", "peft")
         }
         config["encoder"] = {"dtype": self.hparams.encoder["dtype"]}
         (directory / EXPORT_CONFIG).write_text(
@@ -719,6 +759,9 @@ class SciIE(pl.LightningModule):
                 "it was written by another version. Remove them or re-export."
             )
         model = cls(encoder=encoder, **config)
+        if (directory / EXPORT_ENCODER_ADAPTER).is_dir():
+            model.encoder = load_adapter(model.encoder, directory / EXPORT_ENCODER_ADAPTER)
+            model.windows = model._subword_windows()
         missing, unexpected = model.load_state_dict(
             load_file(str(directory / EXPORT_HEADS)), strict=False
         )

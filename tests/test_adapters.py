@@ -1,4 +1,8 @@
-"""The PEFT helper on tiny transformers backbones: what trains, what stays, merge, export."""
+"""The PEFT helper on tiny backbones of each kind: what trains, what stays, merge, export.
+
+Backbone kinds: a transformers causal LM (Llama), a transformers encoder (BERT), CLIP,
+and a diffusers UNet2DConditionModel.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,25 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from transformers import (
     BertConfig,
     BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
+    CLIPConfig,
+    CLIPModel,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
-from lightning_modules.adapters import BitFit, apply_adapter, count_parameters, save_adapter
+from lightning_modules.adapters import (
+    BitFit,
+    apply_adapter,
+    count_parameters,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    update_adapter_ranks,
+)
 
 TOKENS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
 
@@ -35,13 +48,6 @@ def tiny_llama() -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def tiny_gpt2() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
-    )
-
-
 def tiny_bert() -> torch.nn.Module:
     torch.manual_seed(0)
     config = BertConfig(
@@ -54,11 +60,50 @@ def tiny_bert() -> torch.nn.Module:
     return BertModel(config)
 
 
+def tiny_clip() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={
+            **layers,
+            "vocab_size": 64,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+        },
+        vision_config={**layers, "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+        projection_dim=16,
+    )
+    return CLIPModel(config)
+
+
+def tiny_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+
+
 def causal_loss(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=TOKENS, labels=TOKENS).loss
 
 
 DIRECTION = torch.randn(16, generator=torch.Generator().manual_seed(1))
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+TEXT_STATES = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+NOISE_TARGET = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
 
 
 def encoder_loss(model: torch.nn.Module) -> torch.Tensor:
@@ -67,39 +112,120 @@ def encoder_loss(model: torch.nn.Module) -> torch.Tensor:
     return (output.last_hidden_state @ DIRECTION).mean() + (output.pooler_output @ DIRECTION).mean()
 
 
+def clip_loss(model: torch.nn.Module) -> torch.Tensor:
+    output = model(input_ids=TOKENS[:, :5], pixel_values=PIXELS)
+    return (output.text_embeds @ DIRECTION).mean() + (output.image_embeds @ DIRECTION).mean()
+
+
+def unet_loss(model: torch.nn.Module) -> torch.Tensor:
+    timesteps = torch.tensor([10, 500])
+    sample = model(LATENTS, timesteps, encoder_hidden_states=TEXT_STATES).sample
+    return (sample - NOISE_TARGET).square().mean()
+
+
+def clip_output(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=TOKENS[:, :5], pixel_values=PIXELS).logits_per_image
+
+
+def unet_output(model: torch.nn.Module) -> torch.Tensor:
+    return model(LATENTS, torch.tensor([10, 500]), encoder_hidden_states=TEXT_STATES).sample
+
+
+def llama_output(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=TOKENS).logits
+
+
+# name: (builder, loss, peft task type, attention projections, IA3 targets, IA3 feed-forward)
 BACKBONES = {
-    "llama": (tiny_llama, causal_loss, "CAUSAL_LM"),
-    "gpt2": (tiny_gpt2, causal_loss, "CAUSAL_LM"),
-    "bert": (tiny_bert, encoder_loss, "FEATURE_EXTRACTION"),
+    "llama": (tiny_llama, causal_loss, "CAUSAL_LM", ["q_proj", "v_proj"], None, None),
+    "bert": (tiny_bert, encoder_loss, "FEATURE_EXTRACTION", ["query", "value"], None, None),
+    "clip": (
+        tiny_clip,
+        clip_loss,
+        None,
+        ["q_proj", "v_proj"],
+        ["k_proj", "v_proj", "fc2"],
+        ["fc2"],
+    ),
+    "unet": (
+        tiny_unet,
+        unet_loss,
+        None,
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        ["to_k", "to_v", "ff.net.2"],
+        ["ff.net.2"],
+    ),
 }
-ADAPTERS = {
-    "lora": lambda task: peft.LoraConfig(r=4, target_modules="all-linear"),
-    "ia3": lambda task: peft.IA3Config(task_type=task),
-    "prompt": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3),
-    "prefix": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3),
-    "bitfit": lambda task: BitFit(include_norm=True),
+
+
+def make_adapter(name: str, backbone: str) -> object:
+    _, _, task, projections, ia3_targets, ia3_feedforward = BACKBONES[backbone]
+    if name == "lora":
+        return peft.LoraConfig(r=4, target_modules=projections)
+    if name == "ia3":
+        if ia3_targets is None:  # peft has default IA3 layers for Llama and BERT
+            return peft.IA3Config(task_type=task)
+        return peft.IA3Config(target_modules=ia3_targets, feedforward_modules=ia3_feedforward)
+    if name == "adalora":
+        # AdaLoRA starts with singular values E = 0, so A and B get gradients from the
+        # second step on; tinit keeps the rank budget fixed over the few test steps.
+        return peft.AdaLoraConfig(
+            init_r=4, target_r=2, target_modules=projections, total_step=20, tinit=10
+        )
+    if name == "loha":
+        return peft.LoHaConfig(r=2, target_modules=projections)
+    if name == "lokr":
+        return peft.LoKrConfig(r=2, target_modules=projections)
+    if name == "prompt":
+        return peft.PromptTuningConfig(task_type=task or "FEATURE_EXTRACTION", num_virtual_tokens=3)
+    if name == "prefix":
+        return peft.PrefixTuningConfig(task_type=task or "FEATURE_EXTRACTION", num_virtual_tokens=3)
+    if name == "bitfit":
+        return BitFit(include_norm=True)
+    raise KeyError(name)
+
+
+ADAPTERS = ["lora", "ia3", "adalora", "loha", "lokr", "prompt", "prefix", "bitfit"]
+# Backbone and method pairs that apply_adapter rejects before training, with the reason.
+REJECTED = {
+    ("clip", "prompt"): "inputs_embeds",
+    ("clip", "prefix"): "inputs_embeds",
+    ("unet", "prompt"): "inputs_embeds",
+    ("unet", "prefix"): "inputs_embeds",
+    ("unet", "adalora"): "rank allocator",
 }
 
 
 def _train(model: torch.nn.Module, loss_fn, steps: int = 3) -> None:
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=0.5)
-    for _ in range(steps):
+    # Adam, because its step size does not shrink with the gradient: AdaLoRA's A and B
+    # get gradients near 1e-11 on the query projection of the tiny BERT.
+    optimizer = torch.optim.Adam(parameters, lr=0.05)
+    for step in range(steps):
         optimizer.zero_grad()
         loss_fn(model).backward()
         optimizer.step()
+        update_adapter_ranks(model, step)
 
 
-@pytest.mark.parametrize("adapter_name", sorted(ADAPTERS))
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
 @pytest.mark.parametrize("backbone_name", sorted(BACKBONES))
 def test_adapter_trains_only_its_parameters(backbone_name: str, adapter_name: str) -> None:
-    build, loss_fn, task = BACKBONES[backbone_name]
+    build, loss_fn, *_ = BACKBONES[backbone_name]
     model = build()
+    adapter = make_adapter(adapter_name, backbone_name)
+    if (backbone_name, adapter_name) in REJECTED:
+        with pytest.raises(NotImplementedError, match=REJECTED[backbone_name, adapter_name]):
+            apply_adapter(model, adapter)
+        return
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
 
-    wrapped = apply_adapter(model, ADAPTERS[adapter_name](task))
+    wrapped = apply_adapter(model, adapter)
     trainable, total = count_parameters(wrapped)
     assert 0 < trainable < total
+    if backbone_name == "unet" and adapter_name != "bitfit":
+        # Injected in place: diffusers code keeps working with the same class.
+        assert type(wrapped) is UNet2DConditionModel
 
     trainable_names = [name for name, value in wrapped.named_parameters() if value.requires_grad]
     start = {
@@ -124,34 +250,55 @@ def test_adapter_trains_only_its_parameters(backbone_name: str, adapter_name: st
             assert torch.equal(value, before[original_name]), name
 
 
-def test_lora_merge_matches_adapter() -> None:
-    model = apply_adapter(
-        tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    )
+OUTPUTS = {"llama": llama_output, "clip": clip_output, "unet": unet_output}
+
+
+@pytest.mark.parametrize(
+    ("backbone_name", "adapter_name"),
+    [("llama", "lora"), ("llama", "ia3"), ("clip", "lora"), ("unet", "lora"), ("unet", "lokr")],
+)
+def test_merged_model_matches_adapter(backbone_name: str, adapter_name: str) -> None:
+    build, loss_fn, *_ = BACKBONES[backbone_name]
+    model = apply_adapter(build(), make_adapter(adapter_name, backbone_name))
+    _train(model, loss_fn)  # LoRA starts as the identity; train so the delta is not zero
     model.eval()
+    output = OUTPUTS[backbone_name]
     with torch.no_grad():
-        unmerged = model(input_ids=TOKENS).logits
-        merged_model = model.merge_and_unload()
-        merged = merged_model(input_ids=TOKENS).logits
-    # Merging adds B @ A into each weight, which changes float32 rounding only.
+        unmerged = output(model)
+        merged_model = merge_adapter(copy.deepcopy(model))
+        merged = output(merged_model)
+    assert count_parameters(merged_model)[1] == count_parameters(build())[1]
+    assert not any(".base_layer" in name for name, _ in merged_model.named_parameters())
+    assert not torch.allclose(unmerged, output(build().eval()), atol=1e-4)
+    # Merging folds the delta into each weight, which changes float32 rounding only.
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_export_reloads(tmp_path: Path) -> None:
-    base = tiny_llama()
-    model = apply_adapter(
-        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    )
-    _train(model, causal_loss)
+def test_prompt_tuning_has_no_merged_form() -> None:
+    model = apply_adapter(tiny_llama(), make_adapter("prompt", "llama"))
+    with pytest.raises(NotImplementedError, match="no merged form"):
+        merge_adapter(model)
+
+
+@pytest.mark.parametrize("backbone_name", ["llama", "unet"])
+def test_adapter_export_reloads(tmp_path: Path, backbone_name: str) -> None:
+    build, loss_fn, *_ = BACKBONES[backbone_name]
+    model = apply_adapter(build(), make_adapter("lora", backbone_name))
+    _train(model, loss_fn)
     save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    reloaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    reloaded = load_adapter(build(), tmp_path / "adapter").eval()
     model.eval()
+    output = OUTPUTS[backbone_name]
     with torch.no_grad():
-        torch.testing.assert_close(
-            reloaded(input_ids=TOKENS).logits, model(input_ids=TOKENS).logits
-        )
+        assert torch.equal(output(reloaded), output(model))
+        assert not torch.allclose(output(build().eval()), output(model), atol=1e-4)
+
+
+def test_load_adapter_names_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(tiny_unet(), tmp_path)
 
 
 def test_bitfit_without_biases_rejected() -> None:
@@ -159,8 +306,8 @@ def test_bitfit_without_biases_rejected() -> None:
         apply_adapter(tiny_llama(), BitFit())
 
 
-def test_prefix_tuning_needs_past_key_values() -> None:
-    class NoCache(torch.nn.Module):
+def test_prefix_tuning_needs_a_text_model() -> None:
+    class Plain(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(4, 4)
@@ -168,10 +315,8 @@ def test_prefix_tuning_needs_past_key_values() -> None:
         def forward(self, input_ids):
             return self.layer(input_ids)
 
-    with pytest.raises(NotImplementedError, match="past_key_values"):
-        apply_adapter(
-            NoCache(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
-        )
+    with pytest.raises(NotImplementedError, match="inputs_embeds"):
+        apply_adapter(Plain(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
 
 
 def test_prompt_tuning_needs_task_type() -> None:

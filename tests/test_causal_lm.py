@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 
+from callbacks.export import export_module
 from datamodules.prompt_response import PromptResponse
+from lightning_modules.adapters import BitFit, load_adapter
 from lightning_modules.backbones import Backbone
 from lightning_modules.causal_lm import IGNORE_INDEX, CausalLM, response_token_loss
 
@@ -73,7 +77,7 @@ def test_featurize_truncates_to_max_length() -> None:
 
 
 def test_lora_fit_keeps_base_weights() -> None:
-    model = tiny_model(adapter=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model = tiny_model(peft=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     frozen = {
         name: value.detach().clone()
         for name, value in model.named_parameters()
@@ -95,8 +99,10 @@ def test_lora_fit_keeps_base_weights() -> None:
             assert torch.equal(value, frozen[name]), name
         else:
             assert not torch.equal(value, trainable[name]), name
-    assert model.hparams.adapter["type"] == "LoraConfig"
-    assert model.hparams.adapter["target_modules"] == ["q_proj", "v_proj"]
+    assert model.hparams.peft == {
+        "class_path": "peft.LoraConfig",
+        "init_args": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+    }
 
 
 def test_invalid_max_length_rejected() -> None:
@@ -115,3 +121,92 @@ def test_smollm2_prompt_uses_chat_template() -> None:
     assert text.endswith("<|im_start|>assistant\nJane did.<|im_end|>")
     response = model.tokenizer.decode([t for t in batch.labels[0].tolist() if t != IGNORE_INDEX])
     assert response == "Jane did.<|im_end|>"
+
+
+def _train_steps(model: CausalLM, steps: int = 3) -> None:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = model.featurize(RECORDS)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(batch).backward()
+        optimizer.step()
+
+
+def test_prompt_tuning_loss_aligns_with_input_tokens() -> None:
+    # Prompt tuning prepends 3 virtual tokens, so the loss must come from the last T
+    # positions of the logits, sliced here by hand.
+    model = tiny_model(peft=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    batch = model.featurize(RECORDS)
+    logits = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert logits.shape[1] == batch.input_ids.shape[1] + 3
+    expected = response_token_loss(logits[:, 3:], batch.labels)
+    torch.testing.assert_close(model(batch), expected)
+
+
+def test_export_adapter_alone_and_merged(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(
+        peft=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), export_merged=True
+    )
+    _train_steps(model)
+    model.eval()
+    export_module(model, tmp_path / "export")
+
+    adapter_file = tmp_path / "export" / "adapter" / "adapter_model.safetensors"
+    merged_file = tmp_path / "export" / "merged" / "model.safetensors"
+    assert adapter_file.stat().st_size < 0.05 * merged_file.stat().st_size
+    assert set(load_file(adapter_file)) == {
+        name.replace(".default", "")
+        for name, value in model.model.named_parameters()
+        if value.requires_grad
+    }
+    batch = model.featurize(RECORDS)
+    with torch.no_grad():
+        expected = model.model(input_ids=batch.input_ids).logits
+        base = tiny_model()  # the same seed builds the same base weights
+        reloaded = load_adapter(base.model, tmp_path / "export" / "adapter").eval()
+        assert torch.equal(reloaded(input_ids=batch.input_ids).logits, expected)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()
+        # Merging adds B @ A to the weights, which changes float32 rounding only.
+        torch.testing.assert_close(
+            merged(input_ids=batch.input_ids).logits, expected, atol=1e-5, rtol=1e-5
+        )
+    saved = json.loads((tmp_path / "export" / "causal_lm.json").read_text())
+    assert saved["peft"]["class_path"] == "peft.LoraConfig"
+    assert (tmp_path / "export" / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_export_without_adapter_writes_whole_model(tmp_path: Path) -> None:
+    model = tiny_model(peft=BitFit(include_norm=True))
+    export_module(model, tmp_path / "export")
+    assert (tmp_path / "export" / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "export" / "adapter").exists()
+
+
+def test_checkpoint_keeps_trainable_parameters_only() -> None:
+    model = tiny_model(peft=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    _train_steps(model)
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    trainable = {name for name, value in model.named_parameters() if value.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+
+    fresh = tiny_model(peft=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=fresh.strict_loading)
+    batch = model.featurize(RECORDS)
+    assert torch.equal(fresh(batch), model(batch))
+
+    torch.manual_seed(1)  # a different random base
+    other = CausalLM(
+        Backbone(config=dict(TINY_LLAMA), tokenizer=MINILM_TOKENIZER),
+        peft=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
+    with pytest.raises(ValueError, match="frozen weights of this module differ"):
+        other.on_load_checkpoint(checkpoint)
+
+    wider = tiny_model(peft=peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    with pytest.raises(KeyError, match="lacks trainable parameters.*k_proj"):
+        wider.on_load_checkpoint(checkpoint)

@@ -50,6 +50,7 @@ OFFLINE_OVERRIDES = {
     "causal_lm/tofu_smollm2.yaml": TOFU_FILES,
     "causal_lm/tofu_smollm2_full.yaml": TOFU_FILES,
     "sciie/minilm.yaml": ["--data.init_args.data_dir", "null"],
+    "sciie/minilm_lora.yaml": ["--data.init_args.data_dir", "null"],
     "sciie/scibert.yaml": [
         "--data.init_args.data_dir",
         "null",

@@ -1,10 +1,28 @@
 """Parameter-efficient fine-tuning of any backbone: peft adapters and BitFit."""
 
+from lightning_modules.adapters.checkpointing import AdapterHooks, load_trainable_state
 from lightning_modules.adapters.wrapping import (
     BitFit,
+    adapter_config,
     apply_adapter,
     count_parameters,
+    describe_adapter,
+    load_adapter,
+    merge_adapter,
     save_adapter,
+    update_adapter_ranks,
 )
 
-__all__ = ["BitFit", "apply_adapter", "count_parameters", "save_adapter"]
+__all__ = [
+    "AdapterHooks",
+    "BitFit",
+    "adapter_config",
+    "apply_adapter",
+    "count_parameters",
+    "describe_adapter",
+    "load_adapter",
+    "load_trainable_state",
+    "merge_adapter",
+    "save_adapter",
+    "update_adapter_ranks",
+]

@@ -140,6 +140,8 @@ def encode_words(encoder: torch.nn.Module, batch: SubwordBatch) -> Tensor:
     hidden = encoder(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
+    # A prompt-tuned encoder returns its virtual tokens first; the subwords are the last L.
+    hidden = hidden[:, -batch.input_ids.shape[1] :]  # [N, L, D]
     flat = hidden.reshape(-1, hidden.shape[-1])  # [N * L, D]
     words = flat[batch.word_positions]  # [B, W, D]
     return words * batch.word_mask.unsqueeze(-1)
