@@ -24,8 +24,10 @@ from transformers import (
 
 from lightning_modules.adapters import (
     BitFit,
+    adapter_from_description,
     apply_adapter,
     count_parameters,
+    describe_adapter,
     load_adapter,
     merge_adapter,
     save_adapter,
@@ -326,7 +328,25 @@ def test_prompt_tuning_needs_task_type() -> None:
 
 def test_unknown_adapter_rejected() -> None:
     with pytest.raises(TypeError, match="peft config"):
+        apply_adapter(tiny_bert(), "lora")
+    with pytest.raises(ValueError, match="class_path and init_args"):
         apply_adapter(tiny_bert(), {"r": 4})
+
+
+@pytest.mark.parametrize("adapter_name", ["lora", "prompt", "bitfit"])
+def test_adapter_description_round_trip(adapter_name: str) -> None:
+    adapter = make_adapter(adapter_name, "llama")
+    description = describe_adapter(adapter)
+    assert set(description) == {"class_path", "init_args"}
+    rebuilt = adapter_from_description(description)
+    assert type(rebuilt) is type(adapter)
+    assert describe_adapter(rebuilt) == description
+    # The stored description is enough to wrap a model the same way.
+    wrapped = apply_adapter(tiny_llama(), description)
+    original = apply_adapter(tiny_llama(), adapter)
+    assert sorted(name for name, p in wrapped.named_parameters() if p.requires_grad) == sorted(
+        name for name, p in original.named_parameters() if p.requires_grad
+    )
 
 
 def test_none_keeps_model() -> None:

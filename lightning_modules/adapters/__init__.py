@@ -4,6 +4,7 @@ from lightning_modules.adapters.checkpointing import AdapterHooks, load_trainabl
 from lightning_modules.adapters.wrapping import (
     BitFit,
     adapter_config,
+    adapter_from_description,
     apply_adapter,
     count_parameters,
     describe_adapter,
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterHooks",
     "BitFit",
     "adapter_config",
+    "adapter_from_description",
     "apply_adapter",
     "count_parameters",
     "describe_adapter",

@@ -64,30 +64,54 @@ class AdapterHooks(pl.LightningModule):
         }
         checkpoint[CHECKSUM_KEY] = frozen_checksum(self)
 
+    @property
+    def strict_loading(self) -> bool:
+        """False: Lightning must accept checkpoints without frozen weights.
+
+        Lightning reads this before calling ``on_load_checkpoint``, so the keys are
+        checked there instead, as strictly as ``strict=True`` would, except that the
+        frozen parameters of a checkpoint with a checksum may be absent.
+        """
+        return False
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        raise AttributeError(
+            f"{type(self).__name__} checks checkpoint keys in on_load_checkpoint; "
+            "strict_loading cannot be changed."
+        )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if CHECKSUM_KEY not in checkpoint:
-            return
-        expected = checkpoint[CHECKSUM_KEY]
-        found = frozen_checksum(self)
-        if not all(
-            math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-            for a, b in zip(expected, found, strict=True)
-        ):
-            raise ValueError(
-                "the frozen weights of this module differ from those the checkpoint was "
-                f"trained on (checksum {found} here, {expected} in the checkpoint). Build the "
-                "module from the same pretrained backbone, or with the same seed_everything "
-                "for a randomly initialized one, and the same peft settings."
-            )
-        trainable, _ = trainable_state_keys(self)
-        missing = trainable - set(checkpoint["state_dict"])
+        saved = set(checkpoint["state_dict"])
+        expected = set(self.state_dict())
+        required = expected
+        if CHECKSUM_KEY in checkpoint:
+            stored = checkpoint[CHECKSUM_KEY]
+            found = frozen_checksum(self)
+            if not all(
+                math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+                for a, b in zip(stored, found, strict=True)
+            ):
+                raise ValueError(
+                    "the frozen weights of this module differ from those the checkpoint was "
+                    f"trained on (checksum {found} here, {stored} in the checkpoint). Build the "
+                    "module from the same pretrained backbone, or with the same seed_everything "
+                    "for a randomly initialized one, and the same peft settings."
+                )
+            _, frozen = trainable_state_keys(self)
+            required = expected - frozen
+        missing = required - saved
         if missing:
             raise KeyError(
-                f"checkpoint lacks trainable parameters {describe_keys(missing)}: it was "
-                "written by a module with different peft settings."
+                f"checkpoint lacks parameters {describe_keys(missing)}: it was written by a "
+                "module with a different architecture or different peft settings."
             )
-        # The frozen parameters are absent on purpose; the checks above cover the rest.
-        self.strict_loading = False
+        unexpected = saved - expected
+        if unexpected:
+            raise KeyError(
+                f"checkpoint has parameters this module does not: {describe_keys(unexpected)}. "
+                "Build the module with the settings of the run that wrote it."
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         update_adapter_ranks(self, self.global_step)

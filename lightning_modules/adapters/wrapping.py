@@ -100,6 +100,24 @@ def describe_adapter(adapter: object | None) -> dict | None:
     return {"class_path": class_path, "init_args": init_args}
 
 
+def adapter_from_description(description: dict) -> object:
+    """Build the adapter config that :func:`describe_adapter` described.
+
+    Modules call it through :func:`apply_adapter`, so ``load_from_checkpoint`` rebuilds
+    the adapter from the stored hyper-parameters.
+    """
+    import importlib
+
+    if set(description) != {"class_path", "init_args"}:
+        raise ValueError(
+            f"adapter description {description!r} must have exactly the keys class_path and "
+            "init_args, as describe_adapter writes them."
+        )
+    module_name, _, class_name = description["class_path"].rpartition(".")
+    adapter_type = getattr(importlib.import_module(module_name), class_name)
+    return adapter_type(**description["init_args"])
+
+
 def _field_default(field: dataclasses.Field) -> object:
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -174,6 +192,7 @@ def apply_adapter(model: nn.Module, adapter: object | None) -> nn.Module:
 
     Returns a ``peft.PeftModel`` for a transformers model with a peft config, and
     ``model`` itself otherwise (diffusers models get the adapter layers in place).
+    ``adapter`` may also be the mapping that :func:`describe_adapter` returns.
 
     Raises:
         NotImplementedError: the adapter cannot be applied to this kind of model.
@@ -182,6 +201,8 @@ def apply_adapter(model: nn.Module, adapter: object | None) -> nn.Module:
     """
     if adapter is None:
         return model
+    if isinstance(adapter, dict):
+        adapter = adapter_from_description(adapter)
     if isinstance(adapter, BitFit):
         return _apply_bitfit(model, adapter)
 
