@@ -28,7 +28,6 @@ from lightning_modules.adapters import (
     BitFit,
     adapter_config,
     apply_adapter,
-    count_parameters,
     describe_adapter,
     merge_adapter,
     save_adapter,
@@ -166,12 +165,6 @@ class CausalLM(AdapterHooks):
     def validation_step(self, records: list[PromptResponse], batch_index: int) -> None:
         loss = self(self.featurize(records).to(self.device))
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records), sync_dist=True)
-
-    def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self.model)
-        self.print(
-            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]

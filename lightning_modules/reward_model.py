@@ -47,7 +47,6 @@ from lightning_modules.adapters import (
     BitFit,
     adapter_config,
     apply_adapter,
-    count_parameters,
     describe_adapter,
     merge_adapter,
 )
@@ -439,12 +438,6 @@ class VPScore(AdapterHooks):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
-
-    def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self)
-        self.print(
-            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]

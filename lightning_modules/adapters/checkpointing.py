@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from lightning_modules.adapters.wrapping import (
+    count_parameters,
     describe_keys,
     frozen_checksum,
     trainable_state_keys,
@@ -50,9 +51,10 @@ class AdapterHooks(pl.LightningModule):
       frozen parameters that loading verifies. A module with nothing frozen saves
       and loads exactly as Lightning does by default.
     - AdaLoRA's rank reallocation runs after every optimizer step.
+    - The start of fit prints the trainable and total parameter counts.
 
-    Subclasses that override ``on_save_checkpoint``, ``on_load_checkpoint`` or
-    ``on_train_batch_end`` call ``super()``.
+    Subclasses that override ``on_save_checkpoint``, ``on_load_checkpoint``,
+    ``on_fit_start`` or ``on_train_batch_end`` call ``super()``.
     """
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -112,6 +114,12 @@ class AdapterHooks(pl.LightningModule):
                 f"checkpoint has parameters this module does not: {describe_keys(unexpected)}. "
                 "Build the module with the settings of the run that wrote it."
             )
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        self.print(
+            f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         update_adapter_ranks(self, self.global_step)
