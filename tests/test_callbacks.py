@@ -195,6 +195,25 @@ def test_media_helpers_log_to_wandb_offline(
     assert b"val/images" in records
 
 
+def test_image_grid_keeps_pixel_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), project="paperlab-test")
+    trainer = _trainer_with(logger, tmp_path)
+    # Two 4 x 4 images of 0.6 and 0.2 side by side, with make_grid's 2-pixel zero padding.
+    images = torch.stack([torch.full((3, 4, 4), 0.6), torch.full((3, 4, 4), 0.2)])
+    assert log_image_grid(trainer, "val/images", images) is True
+    logger.experiment.finish()
+    (written,) = tmp_path.rglob("media/images/val/images_*.png")
+    pixels = np.asarray(Image.open(written).convert("RGB"))
+    assert pixels.shape == (8, 14, 3)
+    assert (pixels[2:6, 2:6] == 153).all()  # round(0.6 * 255)
+    assert (pixels[2:6, 8:12] == 51).all()  # round(0.2 * 255)
+    assert (pixels[0] == 0).all()
+
+
 def test_image_grid_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         log_image_grid(None, "val/images", torch.rand(3, 8, 8))
