@@ -76,7 +76,11 @@ class DigitsTextImageDataModule(pl.LightningDataModule):
                 f"batch_size={batch_size} and repeats={repeats} must be at least 1, "
                 f"num_workers={num_workers} at least 0."
             )
-        self.save_hyperparameters()
+        # Named explicitly: inside another data module built by LightningCLI, a bare
+        # save_hyperparameters() would record that module's arguments instead.
+        self.save_hyperparameters(
+            {"batch_size": batch_size, "repeats": repeats, "num_workers": num_workers, "seed": seed}
+        )
         self.splits: dict[str, Dataset] = {}
 
     def setup(self, stage: str) -> None:
@@ -112,3 +116,116 @@ class DigitsTextImageDataModule(pl.LightningDataModule):
             collate_fn=collate_captioned,
             num_workers=self.hparams.num_workers,
         )
+
+
+class DigitsPromptDataModule(pl.LightningDataModule):
+    """Prompts naming digits, for reward fine-tuning of the digits diffusion model.
+
+    Training prompts are drawn at random (digit and phrasing) from a seeded generator.
+    The validation prompts are fixed: every digit in each phrasing, ``val_repeats``
+    times, so validation samples each digit equally often.
+
+    Args:
+        num_train_prompts: training prompts per epoch.
+        val_repeats: copies of the 10 x 6 validation prompts.
+        batch_size: prompts per batch.
+        seed: seed of the training prompts and their order.
+    """
+
+    def __init__(
+        self,
+        num_train_prompts: int = 1000,
+        val_repeats: int = 1,
+        batch_size: int = 16,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if num_train_prompts < 1 or val_repeats < 1 or batch_size < 1:
+            raise ValueError(
+                f"num_train_prompts={num_train_prompts}, val_repeats={val_repeats} and "
+                f"batch_size={batch_size} must be at least 1."
+            )
+        # Named explicitly, as in DigitsTextImageDataModule.
+        self.save_hyperparameters(
+            {
+                "num_train_prompts": num_train_prompts,
+                "val_repeats": val_repeats,
+                "batch_size": batch_size,
+                "seed": seed,
+            }
+        )
+
+    def setup(self, stage: str) -> None:
+        from datamodules.digits_preference import DIGIT_WORDS, PROMPT_TEMPLATES
+
+        rng = np.random.default_rng(self.hparams.seed)
+        self.train_prompts = [
+            PROMPT_TEMPLATES[rng.integers(len(PROMPT_TEMPLATES))].format(
+                word=DIGIT_WORDS[digit], numeral=digit
+            )
+            for digit in rng.integers(10, size=self.hparams.num_train_prompts).tolist()
+        ]
+        self.val_prompts = [
+            template.format(word=DIGIT_WORDS[digit], numeral=digit)
+            for _ in range(self.hparams.val_repeats)
+            for template in PROMPT_TEMPLATES
+            for digit in range(10)
+        ]
+
+    def train_dataloader(self) -> DataLoader:
+        from datamodules.loading import record_loader
+
+        return record_loader(
+            self.train_prompts, self.hparams.batch_size, shuffle=True, seed=self.hparams.seed
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        from datamodules.loading import record_loader
+
+        return record_loader(self.val_prompts, self.hparams.batch_size, shuffle=False, seed=0)
+
+
+class ReFLDataModule(pl.LightningDataModule):
+    """Prompt batches for the reward loss, zipped with image-caption batches for the
+    denoising loss: training batches are ``{"prompts": [...], "pretraining": (images, captions)}``.
+
+    An epoch is as long as the longer of the two loaders, and the shorter one restarts
+    when it runs out. Validation batches are the prompt module's validation prompts.
+
+    Args:
+        prompts: a data module whose loaders yield lists of prompts
+            (``PromptDataModule`` or ``DigitsPromptDataModule``).
+        pretraining: a data module of ``(images, captions)`` batches, or None for ReFL
+            without the pre-training loss.
+    """
+
+    def __init__(
+        self, prompts: pl.LightningDataModule, pretraining: pl.LightningDataModule | None = None
+    ):
+        super().__init__()
+        self.prompts = prompts
+        self.pretraining = pretraining
+
+    def _modules(self) -> list[pl.LightningDataModule]:
+        return [module for module in (self.prompts, self.pretraining) if module is not None]
+
+    def prepare_data(self) -> None:
+        for module in self._modules():
+            module.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        for module in self._modules():
+            module.trainer = self.trainer
+            module.setup(stage)
+
+    def train_dataloader(self):
+        from lightning.pytorch.utilities import CombinedLoader
+
+        loaders = {"prompts": self.prompts.train_dataloader()}
+        if self.pretraining is not None:
+            loaders["pretraining"] = self.pretraining.train_dataloader()
+        # An epoch is as long as the longer loader; the shorter one restarts when it ends.
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return self.prompts.val_dataloader()
