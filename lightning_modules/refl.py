@@ -217,3 +217,12 @@ class ReFL(TextToImageDiffusion):
             self.log(
                 f"val/reward/{aspect}", scores[:, column].mean(), batch_size=size, sync_dist=True
             )
+        if self.judge is not None:
+            judged = self.judge.annotate(list(prompts), images.detach().float().cpu())
+            for aspect, values in judged.items():
+                self.log(
+                    f"val/judge/{aspect}",
+                    torch.nanmean(values.float()),
+                    batch_size=size,
+                    sync_dist=True,
+                )

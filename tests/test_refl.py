@@ -188,3 +188,24 @@ def test_resume_reproduces_uninterrupted_run(scorer_dir: Path, tmp_path: Path) -
         assert torch.equal(actual, expected), name
         changed += not torch.equal(interrupted, expected)
     assert changed > 0  # the second epoch trained, so the comparison is not trivial
+
+
+class _HalfJudge:
+    aspects = ("prompt_following",)
+
+    def annotate(self, prompts, images):
+        assert images.shape[1:] == (3, 8, 8)
+        return {"prompt_following": torch.tensor([0.25, 0.75][: len(prompts)])}
+
+
+def test_validation_logs_reward_and_judge(scorer_dir: Path) -> None:
+    model = tiny_refl(scorer_dir, judge=_HalfJudge())
+    logged = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    model.validation_step(PROMPTS, 0)
+    images = model.generate(PROMPTS, seed=0)
+    with torch.no_grad():
+        reward, scores = model.rewards(PROMPTS, images)
+    assert logged["val/reward"] == pytest.approx(reward.mean().item())
+    assert logged["val/reward/fidelity"] == pytest.approx(scores[:, 1].mean().item())
+    assert logged["val/judge/prompt_following"] == pytest.approx(0.5)
