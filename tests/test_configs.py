@@ -104,6 +104,30 @@ def _write_refl_inputs(root: Path) -> None:
     )
 
 
+# The published ReFL setting needs Stable Diffusion from the hub. Here it runs with the
+# untrained digits models that _write_refl_inputs exports and the digits prompts.
+OFFLINE_OVERRIDES["refl/sd15.yaml"] = [
+    "--model.init_args.components.pretrained",
+    "runs/exports/text_to_image_digits/last",
+    "--model.init_args.reward_model",
+    "runs/exports/vp_score_digits/best",
+    "--model.init_args.num_inference_steps",
+    "4",
+    "--model.init_args.t1",
+    "2",
+    "--model.init_args.t2",
+    "3",
+    "--model.init_args.gradient_checkpointing",
+    "false",
+    "--data.init_args.prompts",
+    json.dumps({"class_path": "datamodules.text_image.DigitsPromptDataModule"}),
+    "--trainer.val_check_interval",
+    "1.0",
+    "--trainer.accumulate_grad_batches",
+    "1",
+]
+
+
 class ParseOnlyCLI(LightningCLI):
     """Parse and type-check the config without building model, data or trainer."""
 
@@ -138,8 +162,8 @@ def test_method_config_runs(config: Path, tmp_path: Path) -> None:
     if _name(config).startswith("causal_lm/") and not TOFU_DIR.is_dir():
         pytest.skip(f"TOFU data not found at {TOFU_DIR}")
     extra = OFFLINE_OVERRIDES.get(_name(config), [])
-    if _name(config) == "refl/digits.yaml":
-        # It starts from the digits diffusion model and VP-Score; untrained ones will do.
+    if _name(config).startswith("refl/"):
+        # It starts from a diffusion model and a VP-Score; untrained digits ones will do.
         _write_refl_inputs(tmp_path)
     run_train(["fit", "--config", str(config), *QUICK, *extra], cwd=tmp_path)
     checkpoints = list(tmp_path.rglob("*.ckpt"))
