@@ -58,6 +58,120 @@ def collate_captioned(items: list[tuple[Tensor, str]]) -> tuple[Tensor, list[str
     return torch.stack(images), list(captions)
 
 
+class _CaptionedFiles(Dataset):
+    """Image files with captions, decoded when a batch is built."""
+
+    def __init__(self, path: str, image_size: int, caption_field: str):
+        from pathlib import Path
+
+        from datamodules.jsonl import read_jsonl
+
+        self.image_size = image_size
+        self.items = []
+        for record in read_jsonl(path):
+            image = record.require("image", str)
+            caption = record.require(caption_field, str)
+            if not caption.strip():
+                raise record.error(caption_field, caption, "empty caption", "write a caption")
+            file = Path(image) if Path(image).is_absolute() else Path(path).parent / image
+            if not file.is_file():
+                raise record.error(
+                    "image", image, f"image file not found at {file.resolve()}", "correct the path"
+                )
+            self.items.append((file, caption, record.path, record.line))
+        if not self.items:
+            raise ValueError(f"{path} contains no records.")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str]:
+        from datamodules.image_preference import load_image_file
+
+        file, caption, path, line = self.items[index]
+        return load_image_file(file, self.image_size, path, line, "image"), caption
+
+
+class ImageCaptionDataModule(pl.LightningDataModule):
+    """Image files with captions from JSON Lines, for the denoising (pre-training) loss.
+
+    Record schema, one per line: ``{"image": "path/relative/to/the/file.png",
+    "caption": "a photo of ..."}``. Images are converted to RGB, resized so the shorter
+    side is ``image_size`` and center-cropped to a square, with values in [0, 1].
+    Missing files and empty captions raise ``DataValidationError`` naming file, line,
+    field and value when the data module is set up.
+
+    Args:
+        train_file: training records.
+        val_file: validation records; None skips validation.
+        image_size: side of the square images in pixels.
+        caption_field: name of the caption field.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes, which also decode the images.
+        seed: shuffling seed (the epoch number is added each epoch).
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        image_size: int = 512,
+        caption_field: str = "caption",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if image_size < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"image_size={image_size} and batch_size={batch_size} must be at least 1, "
+                f"num_workers={num_workers} at least 0."
+            )
+        # Named explicitly, as in DigitsTextImageDataModule.
+        self.save_hyperparameters(
+            {
+                "train_file": train_file,
+                "val_file": val_file,
+                "image_size": image_size,
+                "caption_field": caption_field,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "seed": seed,
+            }
+        )
+        self.splits: dict[str, Dataset] = {}
+
+    def setup(self, stage: str) -> None:
+        hparams = self.hparams
+        if "train" not in self.splits:
+            self.splits["train"] = _CaptionedFiles(
+                hparams.train_file, hparams.image_size, hparams.caption_field
+            )
+            if hparams.val_file:
+                self.splits["val"] = _CaptionedFiles(
+                    hparams.val_file, hparams.image_size, hparams.caption_field
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.splits["train"]
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.hparams.seed),
+            collate_fn=collate_captioned,
+            num_workers=self.hparams.num_workers,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.splits.get("val", []),
+            batch_size=self.hparams.batch_size,
+            collate_fn=collate_captioned,
+            num_workers=self.hparams.num_workers,
+        )
+
+
 class DigitsTextImageDataModule(pl.LightningDataModule):
     """The scikit-learn digits as captioned 32 x 32 images (no download).
 

@@ -106,3 +106,56 @@ def test_sample_grid_logs_annotator_mean_every_n_epochs() -> None:
 def test_sample_grid_rejects_empty_prompts() -> None:
     with pytest.raises(ValueError, match="at least one prompt"):
         SampleGrid([])
+
+
+def _write_pairs(tmp_path, records: list[dict]) -> str:
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (12, 8), (255, 0, 0)).save(tmp_path / "images" / "red.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "images" / "blue.png")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def test_image_caption_files_batch(tmp_path) -> None:
+    from datamodules.text_image import ImageCaptionDataModule
+
+    path = _write_pairs(
+        tmp_path,
+        [
+            {"image": "images/red.png", "caption": "a red square"},
+            {"image": "images/blue.png", "caption": "a blue square"},
+        ],
+    )
+    data = ImageCaptionDataModule(train_file=path, image_size=4, batch_size=2)
+    data.setup("fit")
+    images, captions = next(iter(data.train_dataloader()))
+    assert images.shape == (2, 3, 4, 4)
+    by_caption = dict(zip(captions, images, strict=True))
+    assert torch.allclose(by_caption["a red square"][0], torch.ones(4, 4))
+    assert torch.allclose(by_caption["a blue square"][2], torch.ones(4, 4))
+    assert torch.allclose(by_caption["a blue square"][0], torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (
+            {"image": "images/missing.png", "caption": "x"},
+            "pairs.jsonl:1: field 'image'.*not found",
+        ),
+        ({"image": "images/red.png", "caption": " "}, "pairs.jsonl:1: field 'caption'.*empty"),
+        ({"image": "images/red.png"}, "pairs.jsonl:1: field 'caption'.*missing"),
+    ],
+)
+def test_image_caption_bad_records(tmp_path, record: dict, message: str) -> None:
+    from datamodules.jsonl import DataValidationError
+    from datamodules.text_image import ImageCaptionDataModule
+
+    data = ImageCaptionDataModule(train_file=_write_pairs(tmp_path, [record]), image_size=4)
+    with pytest.raises(DataValidationError, match=message):
+        data.setup("fit")
