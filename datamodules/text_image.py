@@ -58,6 +58,21 @@ def collate_captioned(items: list[tuple[Tensor, str]]) -> tuple[Tensor, list[str
     return torch.stack(images), list(captions)
 
 
+def _caption_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, seed: int | None
+) -> DataLoader:
+    """Batch ``(image, caption)`` items; ``seed`` shuffles per epoch (and drops the last
+    partial batch), None keeps the order."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed) if seed is not None else None,
+        collate_fn=collate_captioned,
+        num_workers=num_workers,
+        drop_last=seed is not None,
+    )
+
+
 class _CaptionedFiles(Dataset):
     """Image files with captions, decoded when a batch is built."""
 
@@ -153,22 +168,15 @@ class ImageCaptionDataModule(pl.LightningDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.splits["train"]
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.hparams.seed),
-            collate_fn=collate_captioned,
-            num_workers=self.hparams.num_workers,
-            drop_last=True,
+        hparams = self.hparams
+        return _caption_loader(
+            self.splits["train"], hparams.batch_size, hparams.num_workers, hparams.seed
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.splits.get("val", []),
-            batch_size=self.hparams.batch_size,
-            collate_fn=collate_captioned,
-            num_workers=self.hparams.num_workers,
+        hparams = self.hparams
+        return _caption_loader(
+            self.splits.get("val", []), hparams.batch_size, hparams.num_workers, None
         )
 
 
@@ -213,23 +221,14 @@ class DigitsTextImageDataModule(pl.LightningDataModule):
             self.splits["val"] = _CaptionedDigits(data.val_indices, seed + 1000)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.splits["train"]
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.hparams.seed),
-            collate_fn=collate_captioned,
-            num_workers=self.hparams.num_workers,
-            drop_last=True,
+        hparams = self.hparams
+        return _caption_loader(
+            self.splits["train"], hparams.batch_size, hparams.num_workers, hparams.seed
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.splits["val"],
-            batch_size=self.hparams.batch_size,
-            collate_fn=collate_captioned,
-            num_workers=self.hparams.num_workers,
-        )
+        hparams = self.hparams
+        return _caption_loader(self.splits["val"], hparams.batch_size, hparams.num_workers, None)
 
 
 class DigitsPromptDataModule(pl.LightningDataModule):

@@ -166,12 +166,6 @@ class CausalLM(AdapterHooks):
         loss = self(self.featurize(records).to(self.device))
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records), sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        return torch.optim.AdamW(
-            parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
-
     def export_artifact(self, directory: Path) -> None:
         """Write the fine-tuned model: the adapter alone, merged, or whole (see the class doc)."""
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))

@@ -338,12 +338,6 @@ class TextToImageDiffusion(AdapterHooks):
         torch.random.set_rng_state(state)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(images), sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        return torch.optim.AdamW(
-            parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
-
     # ------------------------------------------------------------------ export
 
     def export_artifact(self, directory: Path) -> None:

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from lightning_modules.adapters.wrapping import (
@@ -52,6 +53,8 @@ class AdapterHooks(pl.LightningModule):
       and loads exactly as Lightning does by default.
     - AdaLoRA's rank reallocation runs after every optimizer step.
     - The start of fit prints the trainable and total parameter counts.
+    - The default optimizer is AdamW over the trainable parameters, with the
+      module's ``learning_rate`` and ``weight_decay`` hyper-parameters.
 
     Subclasses that override ``on_save_checkpoint``, ``on_load_checkpoint``,
     ``on_fit_start`` or ``on_train_batch_end`` call ``super()``.
@@ -119,6 +122,12 @@ class AdapterHooks(pl.LightningModule):
         trainable, total = count_parameters(self)
         self.print(
             f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        parameters = [parameter for parameter in self.parameters() if parameter.requires_grad]
+        return torch.optim.AdamW(
+            parameters, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
