@@ -11,9 +11,9 @@ memory is the method's alone. The table reports per method:
 - the median time of one optimizer step (forward, backward, AdamW update);
 - the mean response-token loss on 32 held-in TOFU records after training (the records
   after the training ones in ``full.json``), and before training for reference;
-- ratios of peak memory and step time to full fine-tuning, and the ratio of the
-  memory added by training (peak minus resident before training), which leaves out
-  what every method shares: the Python process, the libraries and the model weights.
+- ratios of peak memory and step time to full fine-tuning;
+- the ratio of the memory added by training (peak minus resident before training).
+  It leaves out what every method shares: the process, the libraries and the weights.
 
 Methods and their learning rates are in ``METHODS`` below; every method sees the same
 records in the same order and the same seed.

@@ -59,8 +59,8 @@ def log_image_grid(
     from torchvision.utils import make_grid
 
     grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow)  # [C, H', W']
-    # wandb.Image writes a float tensor's values as 8-bit levels without scaling, which
-    # turns [0, 1] into black; hand it 8-bit pixels in height x width x channels order.
+    # wandb.Image writes a float tensor's values as 8-bit levels without scaling, so
+    # [0, 1] comes out black. It gets 8-bit pixels in height x width x channels order.
     pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     caption = " | ".join(captions) if captions else None
     # Lightning's log_image takes per-image lists and rejects caption=None.

@@ -555,7 +555,7 @@ class DigitsPreferenceDataModule(ImagePreferenceDataModule):
 
     The train, val and test files are those of :func:`ensure_digits_preference`, built
     once under ``$PAPERLAB_CACHE`` in ``prepare_data`` (about 15 seconds on 2 CPU cores),
-    or those in ``data_dir`` when it holds ``train.jsonl``, ``val.jsonl`` and
+    or those in ``data_dir`` when it contains ``train.jsonl``, ``val.jsonl`` and
     ``test.jsonl`` written by :func:`write_digits_preference`. The aspects are
     :data:`ASPECTS`.
 

@@ -9,7 +9,7 @@ configs with random weights.
 
 :class:`TextToImageDiffusion` trains with the denoising loss (Ho et al., 2020): for an
 image x0 (pixels scaled to [-1, 1], or VAE latents times the VAE's scaling factor), a
-uniformly drawn timestep t and Gaussian noise e, the UNet sees
+uniformly drawn timestep t and Gaussian noise e, the UNet receives
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e and regresses the target that the scheduler's
 ``prediction_type`` names: e (``epsilon``) or v = sqrt(abar_t) e - sqrt(1 - abar_t) x0
 (``v_prediction``). Prompts are replaced by the empty prompt with probability

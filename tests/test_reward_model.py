@@ -338,7 +338,7 @@ def test_training_learns_both_aspects() -> None:
     after = held_out_accuracies(scorer, held_out)
     for aspect, start, end in zip(ASPECTS, before, after, strict=True):
         # Colour is easy to read from a CLIP embedding, so even the untrained heads
-        # order many pairs; training must reach 0.95 and improve on the start.
+        # order many pairs. Training must reach 0.95 and improve on the start.
         assert end >= 0.95, (aspect, start, end)
         assert end > start, (aspect, start, end)
 

@@ -1,6 +1,6 @@
 """Preference pairs within prompt groups, and pairwise accuracy over them.
 
-A reward model sees several images (or responses) per prompt, each with a rating where
+A reward model scores several images (or responses) per prompt, each with a rating where
 higher is better. Every ordered pair (i, j) of the same prompt with rating_i > rating_j
 is a preference "i over j". Pairs with equal ratings are ties and are skipped, as
 ImageReward does; a NaN rating (no rating for that aspect) forms no pair.
@@ -91,9 +91,9 @@ def spearman(first: Tensor, second: Tensor) -> Tensor:
 class PromptSpearman(Metric):
     """Spearman correlation of scores with ratings within each prompt, averaged over prompts.
 
-    Ratings of different prompts are not comparable (a rank 1 is the best of its own
-    prompt only), so the correlation is taken per prompt, over its rated items, and
-    prompts with fewer than 2 rated items or constant scores or ratings are skipped.
+    Ratings of different prompts are not comparable, because a rank 1 is the best of its
+    own prompt only. So the correlation is taken per prompt, over its rated items.
+    Prompts with fewer than 2 rated items, or with constant scores or ratings, are skipped.
     States are sums, so the metric is exact under DDP.
     """
 
