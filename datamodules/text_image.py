@@ -342,3 +342,36 @@ class ReFLDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self.prompts.val_dataloader()
+
+
+class PreferenceTrainingDataModule(pl.LightningDataModule):
+    """Training batches from a preference data module, validation batches from a prompt module.
+
+    Diffusion-DPO trains on preference pairs (``ImagePreferenceDataModule`` or
+    ``DigitsPreferenceDataModule`` batches) and is validated, like the other reward
+    fine-tuning methods, by sampling the validation prompts.
+
+    Args:
+        preferences: a data module of ``PreferenceBatch`` training batches.
+        prompts: a data module whose validation loader yields lists of prompts.
+    """
+
+    def __init__(self, preferences: pl.LightningDataModule, prompts: pl.LightningDataModule):
+        super().__init__()
+        self.preferences = preferences
+        self.prompts = prompts
+
+    def prepare_data(self) -> None:
+        self.preferences.prepare_data()
+        self.prompts.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        for module in (self.preferences, self.prompts):
+            module.trainer = self.trainer
+            module.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.preferences.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self.prompts.val_dataloader()

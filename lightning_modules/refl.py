@@ -22,8 +22,6 @@ second entry optional, as :class:`datamodules.text_image.ReFLDataModule` yields 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import peft
 import torch
 import torch.nn.functional as F
@@ -33,12 +31,12 @@ from datamodules.annotation import Annotator
 from lightning_modules.adapters import BitFit
 from lightning_modules.text_to_image import (
     DiffusionComponents,
-    TextToImageDiffusion,
+    RewardedDiffusion,
     predicted_original,
 )
 
 
-class ReFL(TextToImageDiffusion):
+class ReFL(RewardedDiffusion):
     """Reward feedback learning (see the module docstring).
 
     Args:
@@ -99,6 +97,9 @@ class ReFL(TextToImageDiffusion):
             )
         super().__init__(
             components,
+            reward_model=reward_model,
+            reward_weights=reward_weights,
+            judge=judge,
             learning_rate=learning_rate,
             weight_decay=weight_decay,
             train_text_encoder=train_text_encoder,
@@ -109,14 +110,9 @@ class ReFL(TextToImageDiffusion):
             guidance_scale=guidance_scale,
             gradient_checkpointing=gradient_checkpointing,
         )
-        from lightning_modules.reward_model import load_scorer
-
-        # The parent's save_hyperparameters records these too; stated here so they are
-        # there whatever the parent collects.
+        # Recorded here as well, whatever the parent's save_hyperparameters collects.
         self.hparams.update(
             {
-                "reward_model": reward_model,
-                "reward_weights": reward_weights,
                 "t1": t1,
                 "t2": t2,
                 "reward_margin": reward_margin,
@@ -124,30 +120,8 @@ class ReFL(TextToImageDiffusion):
                 "pretraining_weight": pretraining_weight,
             }
         )
-        self.judge = judge
-        self.scorer = load_scorer(Path(reward_model))
-        self.scorer.requires_grad_(False)
-        if reward_weights is not None and len(reward_weights) != len(self.scorer.aspects):
-            raise ValueError(
-                f"Invalid ReFL arguments: reward_weights={reward_weights} has "
-                f"{len(reward_weights)} entries for the reward model's aspects "
-                f"{self.scorer.aspects}."
-            )
-
-    def train(self, mode: bool = True) -> ReFL:
-        super().train(mode)
-        self.scorer.eval()  # the reward model never trains, so its dropout stays off
-        return self
 
     # ------------------------------------------------------------------ the ReFL step
-
-    def rewards(self, prompts: list[str], images: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (r [B], aspect scores [B, A]) of ``images`` in [0, 1] for ``prompts``."""
-        scores = self.scorer.score(prompts, images)
-        if self.hparams.reward_weights is None:
-            return self.scorer.combine(scores), scores
-        weights = scores.new_tensor(self.hparams.reward_weights)
-        return scores @ weights, scores
 
     def reward_loss(self, rewards: Tensor) -> Tensor:
         """Return lambda * mean(ReLU(margin - r))."""
@@ -205,24 +179,3 @@ class ReFL(TextToImageDiffusion):
             loss = loss + self.hparams.pretraining_weight * denoising
         self.log("train/loss", loss, batch_size=size)
         return loss
-
-    def validation_step(self, prompts: list[str], batch_index: int) -> None:
-        # Fixed noise per batch, so the rewards of successive epochs compare.
-        images = self.generate(list(prompts), seed=batch_index)
-        with torch.no_grad():
-            rewards, scores = self.rewards(list(prompts), images)
-        size = len(prompts)
-        self.log("val/reward", rewards.mean(), prog_bar=True, batch_size=size, sync_dist=True)
-        for column, aspect in enumerate(self.scorer.aspects):
-            self.log(
-                f"val/reward/{aspect}", scores[:, column].mean(), batch_size=size, sync_dist=True
-            )
-        if self.judge is not None:
-            judged = self.judge.annotate(list(prompts), images.detach().float().cpu())
-            for aspect, values in judged.items():
-                self.log(
-                    f"val/judge/{aspect}",
-                    torch.nanmean(values.float()),
-                    batch_size=size,
-                    sync_dist=True,
-                )

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.annotation import Annotator
 from lightning_modules.adapters import (
     AdapterHooks,
     BitFit,
@@ -205,6 +206,21 @@ class TextToImageDiffusion(AdapterHooks):
         if self.vae is not None:
             self.vae.requires_grad_(False).eval()
 
+    def train(self, mode: bool = True) -> TextToImageDiffusion:
+        """Set train or eval mode; a frozen text encoder and the VAE always stay in eval mode.
+
+        ``generate`` and the rollouts of on-policy methods switch the whole module to eval
+        and back, so without this a frozen text encoder would come back in train mode and
+        apply dropout to the prompt embeddings.
+        """
+        super().train(mode)
+        hparams = getattr(self, "_hparams", None)
+        if hparams is not None and not hparams.get("train_text_encoder", False):
+            self.text_encoder.eval()
+        if getattr(self, "vae", None) is not None:
+            self.vae.eval()
+        return self
+
     # ------------------------------------------------------------------ building blocks
 
     @property
@@ -253,18 +269,21 @@ class TextToImageDiffusion(AdapterHooks):
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(x0),), device=x0.device
         )
-        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            raise ValueError(
-                f"prediction_type {self.prediction_type!r} is not supported for training; "
-                "set the scheduler's prediction_type to epsilon or v_prediction."
-            )
+        noisy, target = self.noised_sample(x0, noise, timesteps)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
         return F.mse_loss(prediction.float(), target.float())
+
+    def noised_sample(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (x_t, the UNet's regression target) for clean ``x0``, ``noise`` and ``timesteps`` [B]."""
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, self.noise_scheduler.get_velocity(x0, noise, timesteps)
+        raise ValueError(
+            f"prediction_type {self.prediction_type!r} is not supported for training; "
+            "set the scheduler's prediction_type to epsilon or v_prediction."
+        )
 
     # ------------------------------------------------------------------ sampling
 
@@ -281,20 +300,31 @@ class TextToImageDiffusion(AdapterHooks):
     def guided_prediction(
         self, samples: Tensor, timestep: Tensor, text: Tensor, empty: Tensor, guidance_scale: float
     ) -> Tensor:
-        """Return the UNet output with classifier-free guidance at one timestep."""
+        """Return the UNet output with classifier-free guidance.
+
+        ``timestep`` is one timestep for the whole batch (a scalar) or one per sample ([B]).
+        """
         if guidance_scale == 1:
             return self.unet(samples, timestep, encoder_hidden_states=text).sample
+        if timestep.ndim > 0:
+            timestep = torch.cat([timestep, timestep])
         both = self.unet(
             torch.cat([samples, samples]), timestep, encoder_hidden_states=torch.cat([empty, text])
         ).sample
         unconditional, conditional = both.chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
-    def initial_noise(self, count: int, seed: int | None) -> Tensor:
-        """Return [count, C, H, W] Gaussian noise, reproducible for a given ``seed``."""
+    def initial_noise(
+        self, count: int, seed: int | None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Return [count, C, H, W] Gaussian noise, reproducible for a given ``seed``.
+
+        With a CPU ``generator`` instead of a seed, the noise is drawn from it.
+        """
         config = self.unet.config
         shape = (count, config.in_channels, config.sample_size, config.sample_size)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         return torch.randn(shape, generator=generator).to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -304,15 +334,20 @@ class TextToImageDiffusion(AdapterHooks):
         seed: int | None = 0,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Sample one image per prompt with DDIM (eta = 0); returns [B, 3, H, W] in [0, 1]."""
+        """Sample one image per prompt with DDIM (eta = 0); returns [B, 3, H, W] in [0, 1].
+
+        The initial noise comes from ``seed``, or from the CPU ``generator`` when ``seed``
+        is None.
+        """
         was_training = self.training
         self.eval()
         guidance_scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         scheduler = self.sampling_scheduler(num_inference_steps)
         text = self.encode_prompts(prompts)
         empty = self.encode_prompts([""] * len(prompts))
-        samples = self.initial_noise(len(prompts), seed) * scheduler.init_noise_sigma
+        samples = self.initial_noise(len(prompts), seed, generator) * scheduler.init_noise_sigma
         for timestep in scheduler.timesteps:
             model_input = scheduler.scale_model_input(samples, timestep)
             output = self.guided_prediction(model_input, timestep, text, empty, guidance_scale)
@@ -376,3 +411,101 @@ class TextToImageDiffusion(AdapterHooks):
         settings = json.loads(settings_path.read_text())
         model = cls(DiffusionComponents(pretrained=str(directory)), **settings)
         return model.to(map_location).eval()
+
+
+class RewardedDiffusion(TextToImageDiffusion):
+    """Base of the methods that fine-tune a text-to-image model against a frozen reward model.
+
+    It contains the reward model (a VP-Score export, or any scorer with the same
+    ``score(prompts, images) -> [B, A]`` and ``combine`` API), the weights that turn its
+    aspects into one reward, and an optional judge: an annotator independent of the
+    reward. Validation samples the validation prompts with :meth:`generate` (DDIM,
+    eta = 0, one fixed seed per batch) and logs ``val/reward``, ``val/reward/<aspect>``
+    and, with a judge, ``val/judge/<aspect>``. A reward that rises while the judge stays
+    flat or falls is reward hacking.
+
+    Args:
+        components: the diffusion model to fine-tune.
+        reward_model: directory of an exported VP-Score (``load_scorer``); it stays
+            frozen. None is allowed where the method does not need a reward (validation
+            then logs the judge only).
+        reward_weights: weights of the reward model's aspects in the reward r; None uses
+            the reward model's overall score.
+        judge: an annotator independent of the reward model, scored at validation.
+        **kwargs: the arguments of :class:`TextToImageDiffusion`.
+    """
+
+    def __init__(
+        self,
+        components: DiffusionComponents,
+        reward_model: str | None = None,
+        reward_weights: list[float] | None = None,
+        judge: Annotator | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(components, **kwargs)
+        from lightning_modules.reward_model import load_scorer
+
+        # Recorded here as well, whatever the parent's save_hyperparameters collects.
+        self.hparams.update({"reward_model": reward_model, "reward_weights": reward_weights})
+        self.judge = judge
+        self.scorer = None
+        if reward_model is not None:
+            self.scorer = load_scorer(Path(reward_model))
+            self.scorer.requires_grad_(False)
+        if reward_weights is not None:
+            if self.scorer is None:
+                raise ValueError(
+                    f"reward_weights={reward_weights} is set but reward_model is None; "
+                    "set reward_model to an exported VP-Score directory or drop reward_weights."
+                )
+            if len(reward_weights) != len(self.scorer.aspects):
+                raise ValueError(
+                    f"reward_weights={reward_weights} has {len(reward_weights)} entries for "
+                    f"the reward model's aspects {self.scorer.aspects}; give one weight per aspect."
+                )
+
+    def train(self, mode: bool = True) -> RewardedDiffusion:
+        super().train(mode)
+        if self.scorer is not None:
+            self.scorer.eval()  # the reward model never trains, so its dropout stays off
+        return self
+
+    def rewards(self, prompts: list[str], images: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (r [B], aspect scores [B, A]) of ``images`` in [0, 1] for ``prompts``."""
+        if self.scorer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no reward model; set reward_model to an exported "
+                "VP-Score directory."
+            )
+        scores = self.scorer.score(prompts, images)
+        if self.hparams.reward_weights is None:
+            return self.scorer.combine(scores), scores
+        weights = scores.new_tensor(self.hparams.reward_weights)
+        return scores @ weights, scores
+
+    def validation_step(self, prompts: list[str], batch_index: int) -> None:
+        prompts = list(prompts)
+        size = len(prompts)
+        # Fixed noise per batch, so the rewards of successive epochs compare.
+        images = self.generate(prompts, seed=batch_index)
+        if self.scorer is not None:
+            with torch.no_grad():
+                rewards, scores = self.rewards(prompts, images)
+            self.log("val/reward", rewards.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+            for column, aspect in enumerate(self.scorer.aspects):
+                self.log(
+                    f"val/reward/{aspect}",
+                    scores[:, column].mean(),
+                    batch_size=size,
+                    sync_dist=True,
+                )
+        if self.judge is not None:
+            judged = self.judge.annotate(prompts, images.detach().float().cpu())
+            for aspect, values in judged.items():
+                self.log(
+                    f"val/judge/{aspect}",
+                    torch.nanmean(values.float()),
+                    batch_size=size,
+                    sync_dist=True,
+                )

@@ -60,3 +60,54 @@ def requires_scierc() -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         not SCIERC_DIR.is_dir(), reason=f"SciERC data not found at {SCIERC_DIR}"
     )
+
+
+@pytest.fixture(scope="session")
+def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Export a tiny random VP-Score (CLIP backbone, two aspects) for the diffusion methods."""
+    import torch
+
+    from callbacks.export import export_module
+    from lightning_modules.backbones import Backbone
+    from lightning_modules.reward_model import VPScore
+    from tests.test_reward_model import TINY_CLIP
+    from tests.test_text_to_image import MINILM_TOKENIZER
+
+    torch.manual_seed(0)
+    scorer = VPScore(
+        Backbone(config=TINY_CLIP, tokenizer=MINILM_TOKENIZER),
+        aspects=["prompt_following", "fidelity"],
+        hidden_dim=8,
+    )
+    directory = tmp_path_factory.mktemp("scorer") / "export"
+    export_module(scorer.eval(), directory)
+    return directory
+
+
+def fit_quietly(
+    model, datamodule, root: Path, max_epochs: int, ckpt_path: str | None = None, **options
+):
+    """Fit on the CPU without validation or logger, saving ``root/last.ckpt`` with the RNG states.
+
+    Returns the trainer; ``options`` go to ``lightning.pytorch.Trainer``.
+    """
+    import lightning.pytorch as pl
+
+    from callbacks.rng import RngStateCheckpoint
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[
+            RngStateCheckpoint(),
+            pl.callbacks.ModelCheckpoint(dirpath=root, filename="last"),
+        ],
+        **options,
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer

@@ -25,9 +25,11 @@ from transformers import (
 from lightning_modules.adapters import (
     BitFit,
     adapter_from_description,
+    adapters_disabled,
     apply_adapter,
     count_parameters,
     describe_adapter,
+    has_switchable_adapter,
     load_adapter,
     merge_adapter,
     save_adapter,
@@ -353,3 +355,28 @@ def test_none_keeps_model() -> None:
     model = tiny_bert()
     assert apply_adapter(model, None) is model
     assert count_parameters(model)[0] == count_parameters(model)[1]
+
+
+@pytest.mark.parametrize("adapter_name", ["lora", "prompt"])
+def test_adapters_disabled_gives_base_outputs(adapter_name: str) -> None:
+    model = apply_adapter(tiny_llama(), make_adapter(adapter_name, "llama"))
+    _train(model, causal_loss)  # move the adapter away from the identity
+    model.eval()
+    with torch.no_grad():
+        adapted = llama_output(model)
+        with adapters_disabled(model):
+            disabled = llama_output(model)
+        again = llama_output(model)
+        base = llama_output(tiny_llama().eval())
+    # Prompt tuning prepends virtual tokens, so compare the positions of the real tokens.
+    width = TOKENS.shape[1]
+    torch.testing.assert_close(disabled[:, -width:], base)
+    assert not torch.allclose(adapted[:, -width:], base, atol=1e-4)
+    torch.testing.assert_close(again, adapted)
+
+
+def test_adapters_disabled_needs_adapter_layers() -> None:
+    assert not has_switchable_adapter(apply_adapter(tiny_unet(), BitFit()))
+    with pytest.raises(ValueError, match="no peft adapter layers"):
+        with adapters_disabled(tiny_unet()):
+            pass

@@ -83,8 +83,9 @@ OFFLINE_OVERRIDES["vp_score/visionprefer.yaml"] = [
 ]
 
 
-def _write_refl_inputs(root: Path) -> None:
-    """Export untrained models of the digits configs where configs/refl/digits.yaml reads them."""
+def _write_diffusion_inputs(root: Path) -> None:
+    """Export untrained models of the digits configs where the reward fine-tuning configs
+    (refl/, ddpo/, diffusion_dpo/) read them."""
     from callbacks.export import export_module
     from lightning_modules.backbones import Backbone
     from lightning_modules.reward_model import VPScore
@@ -105,7 +106,7 @@ def _write_refl_inputs(root: Path) -> None:
 
 
 # The published ReFL setting needs Stable Diffusion from the hub. Here it runs with the
-# untrained digits models that _write_refl_inputs exports and the digits prompts.
+# untrained digits models that _write_diffusion_inputs exports and the digits prompts.
 OFFLINE_OVERRIDES["refl/sd15.yaml"] = [
     "--model.init_args.components.pretrained",
     "runs/exports/text_to_image_digits/last",
@@ -121,6 +122,67 @@ OFFLINE_OVERRIDES["refl/sd15.yaml"] = [
     "false",
     "--data.init_args.prompts",
     json.dumps({"class_path": "datamodules.text_image.DigitsPromptDataModule"}),
+    "--trainer.val_check_interval",
+    "1.0",
+    "--trainer.accumulate_grad_batches",
+    "1",
+]
+
+
+DIFFUSION_METHODS = ("refl/", "ddpo/", "diffusion_dpo/")
+# Few, small rollouts: 4 prompts x 4 DDIM steps instead of the configs' dozens x 10.
+_SMALL_ROLLOUTS = ["--model.init_args.num_inference_steps", "4"]
+OFFLINE_OVERRIDES["ddpo/digits.yaml"] = [
+    *_SMALL_ROLLOUTS,
+    "--model.init_args.samples_per_epoch",
+    "4",
+    "--model.init_args.steps_per_trajectory",
+    "2",
+    "--trainer.accumulate_grad_batches",
+    "2",
+]
+OFFLINE_OVERRIDES["diffusion_dpo/digits_online.yaml"] = [
+    *_SMALL_ROLLOUTS,
+    "--model.init_args.prompts_per_epoch",
+    "4",
+]
+OFFLINE_OVERRIDES["diffusion_dpo/digits.yaml"] = _SMALL_ROLLOUTS
+_DIGITS_PROMPTS = json.dumps({"class_path": "datamodules.text_image.DigitsPromptDataModule"})
+_SD15_ON_DIGITS = [
+    "--model.init_args.components.pretrained",
+    "runs/exports/text_to_image_digits/last",
+    "--model.init_args.reward_model",
+    "runs/exports/vp_score_digits/best",
+    *_SMALL_ROLLOUTS,
+    "--model.init_args.gradient_checkpointing",
+    "false",
+]
+OFFLINE_OVERRIDES["ddpo/sd15.yaml"] = [
+    *_SD15_ON_DIGITS,
+    "--model.init_args.samples_per_epoch",
+    "4",
+    "--model.init_args.steps_per_trajectory",
+    "2",
+    "--data.init_args.prompts",
+    _DIGITS_PROMPTS,
+    "--trainer.accumulate_grad_batches",
+    "2",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+]
+OFFLINE_OVERRIDES["diffusion_dpo/sd15.yaml"] = [
+    *_SD15_ON_DIGITS,
+    "--data.init_args.preferences",
+    json.dumps(
+        {
+            "class_path": "datamodules.digits_preference.DigitsPreferenceDataModule",
+            # Stated in full: jsonargparse keeps the file's image_size and num_workers,
+            # which this class accepts too, unless they are overridden.
+            "init_args": {"batch_size": 2, "image_size": 32, "num_workers": 0},
+        }
+    ),
+    "--data.init_args.prompts",
+    _DIGITS_PROMPTS,
     "--trainer.val_check_interval",
     "1.0",
     "--trainer.accumulate_grad_batches",
@@ -162,9 +224,9 @@ def test_method_config_runs(config: Path, tmp_path: Path) -> None:
     if _name(config).startswith("causal_lm/") and not TOFU_DIR.is_dir():
         pytest.skip(f"TOFU data not found at {TOFU_DIR}")
     extra = OFFLINE_OVERRIDES.get(_name(config), [])
-    if _name(config).startswith("refl/"):
+    if _name(config).startswith(DIFFUSION_METHODS):
         # It starts from a diffusion model and a VP-Score; untrained digits ones will do.
-        _write_refl_inputs(tmp_path)
+        _write_diffusion_inputs(tmp_path)
     run_train(["fit", "--config", str(config), *QUICK, *extra], cwd=tmp_path)
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, f"no checkpoint written under {tmp_path}"

@@ -4,39 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import peft
 import pytest
 import torch
 
-from callbacks.export import export_module
-from callbacks.rng import RngStateCheckpoint
 from datamodules.text_image import (
     DigitsPromptDataModule,
     DigitsTextImageDataModule,
     ReFLDataModule,
 )
-from lightning_modules.backbones import Backbone
 from lightning_modules.refl import ReFL
-from lightning_modules.reward_model import VPScore
 from lightning_modules.text_to_image import DiffusionComponents
-from tests.test_reward_model import TINY_CLIP
-from tests.test_text_to_image import MINILM_TOKENIZER, TINY_TEXT, TINY_UNET
+from tests.conftest import fit_quietly
+from tests.test_text_to_image import TINY_TEXT, TINY_UNET
 
 PROMPTS = ["a handwritten digit one", "the digit 7"]
-
-
-@pytest.fixture(scope="module")
-def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    scorer = VPScore(
-        Backbone(config=TINY_CLIP, tokenizer=MINILM_TOKENIZER),
-        aspects=["prompt_following", "fidelity"],
-        hidden_dim=8,
-    )
-    directory = tmp_path_factory.mktemp("scorer") / "export"
-    export_module(scorer.eval(), directory)
-    return directory
 
 
 def tiny_refl(scorer_dir: Path, **overrides) -> ReFL:
@@ -153,20 +135,7 @@ def _fit(scorer_dir: Path, root: Path, max_epochs: int, ckpt_path: str | None = 
     # Two steps per epoch. Lightning resumes exactly at epoch boundaries, where the
     # prompt order depends only on the seed and the epoch.
     data = ReFLDataModule(prompts=DigitsPromptDataModule(num_train_prompts=4, batch_size=2))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[
-            RngStateCheckpoint(),
-            pl.callbacks.ModelCheckpoint(dirpath=root, filename="last"),
-        ],
-    )
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    trainer = fit_quietly(model, data, root, max_epochs, ckpt_path)
     assert trainer.global_step == 2 * max_epochs
     return model
 

@@ -195,3 +195,16 @@ def test_components_reject_mixed_sources() -> None:
 def test_invalid_condition_dropout_rejected() -> None:
     with pytest.raises(ValueError, match="condition_dropout=1.5"):
         tiny_model(condition_dropout=1.5)
+
+
+def test_frozen_text_encoder_stays_in_eval_mode() -> None:
+    model = tiny_model()
+    model.train()
+    assert model.unet.training
+    assert not model.text_encoder.training
+    # generate() switches to eval and back; the frozen encoder must not come back training.
+    model.generate(PROMPTS, seed=0)
+    assert model.unet.training
+    assert not model.text_encoder.training
+    trained = tiny_model(train_text_encoder=True).train()
+    assert trained.text_encoder.training

@@ -24,9 +24,11 @@ BitFit on a model without biases.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +236,51 @@ def adapter_config(model: nn.Module) -> object | None:
     if not configs:
         return None
     return configs["default"]
+
+
+def has_switchable_adapter(model: nn.Module) -> bool:
+    """Return True if ``model`` carries peft adapter layers that :func:`adapters_disabled` can switch off.
+
+    BitFit trains the model's own biases and prompt-learning methods live in a
+    ``PeftModel`` wrapper; neither has such layers.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model: every peft adapter layer is bypassed inside the block.
+
+    This gives the frozen reference of DPO-style losses and of unlearning without a second
+    copy of the model. Works for a ``PeftModel`` (transformers) and for adapters injected
+    into a diffusers model; the layers' previous state is restored on exit.
+
+    Raises:
+        ValueError: ``model`` has no adapter layers to switch off.
+    """
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, peft.PeftModel):
+        with model.disable_adapter():
+            yield model
+        return
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no peft adapter layers to disable; keep a frozen "
+            "copy of the model as the reference instead."
+        )
+    previous = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, previous, strict=True):
+            layer.enable_adapters(not disabled)
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> None:
