@@ -149,13 +149,28 @@ class CausalLM(AdapterHooks):
             return self.tokenizer.eos_token_id
         return self.tokenizer.sep_token_id
 
-    def forward(self, batch: TokenBatch) -> Tensor:
-        """Return the response-token loss of ``batch``."""
+    def token_logits(self, batch: TokenBatch) -> Tensor:
+        """Return the [B, T, V] logits at the input tokens of ``batch``."""
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         # Prompt tuning prepends its virtual tokens, so the logits are longer than the
         # input; the last T positions are those of the input tokens.
-        logits = logits[:, -batch.input_ids.shape[1] :]  # [B, T, V]
-        return response_token_loss(logits, batch.labels)
+        return logits[:, -batch.input_ids.shape[1] :]
+
+    def forward(self, batch: TokenBatch) -> Tensor:
+        """Return the response-token loss of ``batch``."""
+        return response_token_loss(self.token_logits(batch), batch.labels)
+
+    # Sophia's Hessian refresh (callbacks.hessian.HessianRefresh) calls these two.
+
+    def hessian_logits(self, records: list[PromptResponse]) -> tuple[Tensor, Tensor]:
+        """Return the [B, T - 1, V] logits that predict tokens 2..T and the [B, T - 1] mask of
+        response tokens among them, for the Gauss-Newton-Bartlett estimate."""
+        batch = self.featurize(records).to(self.device)
+        return self.token_logits(batch)[:, :-1], batch.labels[:, 1:] != IGNORE_INDEX
+
+    def hessian_loss(self, records: list[PromptResponse]) -> Tensor:
+        """Return the training loss of ``records`` with its graph, for the Hutchinson estimate."""
+        return self(self.featurize(records).to(self.device))
 
     def training_step(self, records: list[PromptResponse], batch_index: int) -> Tensor:
         loss = self(self.featurize(records).to(self.device))
