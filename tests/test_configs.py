@@ -47,7 +47,16 @@ TOFU_FILES = [
     "--data.init_args.val_file",
     str(TOFU_DIR / "holdout01.json"),
 ]
+TOFU_UNLEARNING_FILES = [
+    "--data.init_args.forget_file",
+    str(TOFU_DIR / "forget01.json"),
+    "--data.init_args.retain_file",
+    str(TOFU_DIR / "retain90.json"),
+    "--data.init_args.refusal_file",
+    str(TOFU_DIR / "idontknow.jsonl"),
+]
 OFFLINE_OVERRIDES = {
+    "unlearning/tiny.yaml": TOFU_UNLEARNING_FILES,
     "causal_lm/tiny.yaml": TOFU_FILES,
     "causal_lm/tofu_smollm2.yaml": TOFU_FILES,
     "causal_lm/tofu_smollm2_full.yaml": TOFU_FILES,
@@ -221,7 +230,7 @@ def test_method_config_parses(config: Path) -> None:
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=_name)
 def test_method_config_runs(config: Path, tmp_path: Path) -> None:
-    if _name(config).startswith("causal_lm/") and not TOFU_DIR.is_dir():
+    if _name(config).startswith(("causal_lm/", "unlearning/")) and not TOFU_DIR.is_dir():
         pytest.skip(f"TOFU data not found at {TOFU_DIR}")
     extra = OFFLINE_OVERRIDES.get(_name(config), [])
     if _name(config).startswith(DIFFUSION_METHODS):
