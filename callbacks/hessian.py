@@ -69,4 +69,11 @@ class HessianRefresh(pl.Callback):
                         "the Hutchinson estimate needs; add it."
                     )
                 estimates = hutchinson(method(self._batch), parameters, generator)
+        if trainer.world_size > 1:
+            # autograd.grad bypasses DDP's gradient all-reduce; without this mean every
+            # process would keep its own h and the replicas would drift apart.
+            estimates = [
+                None if e is None else trainer.strategy.reduce(e, reduce_op="mean")
+                for e in estimates
+            ]
         optimizer.update_hessian(estimates)

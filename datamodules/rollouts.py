@@ -81,8 +81,9 @@ class RolloutDataset(IterableDataset):
 class RolloutDataModule(pl.LightningDataModule):
     """Training batches from the model's own samples; validation from a prompt module.
 
-    The training prompts are all prompts of ``prompts``' training loader (read once per
-    epoch); the LightningModule must be an :class:`OnPolicyMethod`. Validation batches are
+    The training prompts are all prompts of ``prompts``' training loader, read when the
+    training DataLoader is built (once per fit, unless the trainer reloads DataLoaders);
+    the LightningModule must be an :class:`OnPolicyMethod`. Validation batches are
     ``prompts``' validation prompts, unchanged.
 
     Args:

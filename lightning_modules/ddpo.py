@@ -31,12 +31,13 @@ Log-probabilities are per dimension (the mean over C x H x W of the Gaussian log
 of each element), as DDPO's published code computes them; the default clip range 1e-4
 is tuned for that scale. A transition whose variance is zero (the last one, when the
 schedule ends at timestep 0) is deterministic and never trained.
-NOTE: under DDP the reward statistics are kept per process; DDPO gathers them across
-processes first.
+NOTE: under DDP the reward statistics are kept per process; DDPO's published code
+gathers the rewards of all processes first, and this class does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -226,7 +227,7 @@ class DDPO(RewardedDiffusion):
         train_batch_size: trajectories per training minibatch.
         inner_epochs: passes over each epoch's samples.
         steps_per_trajectory: denoising steps trained per trajectory and pass; None
-            trains all ``num_inference_steps``.
+            trains all stochastic steps (see :meth:`stochastic_steps`).
         eta: DDIM's eta of the rollouts (1 gives DDPM-like variance).
         clip_range: PPO's epsilon.
         advantage_clip: advantages are clipped to [-advantage_clip, advantage_clip].
@@ -285,9 +286,10 @@ class DDPO(RewardedDiffusion):
                 f"Invalid DDPO arguments: steps_per_trajectory={steps_per_trajectory} must be "
                 f"between 1 and num_inference_steps={num_inference_steps}, or null for all."
             )
-        if eta <= 0 or clip_range <= 0 or advantage_clip <= 0:
+        if not 0 < eta <= 1 or clip_range <= 0 or advantage_clip <= 0:
             raise ValueError(
-                f"Invalid DDPO arguments: eta={eta}, clip_range={clip_range} and "
+                f"Invalid DDPO arguments: eta={eta} must be in (0, 1] (above 1 the DDIM "
+                f"variance exceeds 1 - abar_prev), and clip_range={clip_range} and "
                 f"advantage_clip={advantage_clip} must be positive."
             )
         super().__init__(
@@ -341,6 +343,24 @@ class DDPO(RewardedDiffusion):
         """
         was_training = self.training
         self.eval()
+        with self.precision_context():
+            trajectory = self._sample_trajectories(prompts, generator)
+        self.train(was_training)
+        return trajectory
+
+    def precision_context(self) -> Any:
+        """Return the trainer's autocast context, so rollouts run at the training precision.
+
+        The log-probabilities of sampling and of training must agree to well within the
+        clip range, so both use the same precision. Outside a trainer: no autocast.
+        """
+        if self._trainer is None:
+            return contextlib.nullcontext()
+        return self.trainer.precision_plugin.forward_context()
+
+    def _sample_trajectories(
+        self, prompts: list[str], generator: torch.Generator
+    ) -> dict[str, Tensor]:
         scheduler = self.sampling_scheduler()
         text = self.encode_prompts(prompts)
         empty = self.encode_prompts([""] * len(prompts))
@@ -363,7 +383,6 @@ class DDPO(RewardedDiffusion):
             trajectory.append(latents)
             log_probs.append(log_prob)
         rewards, scores = self.rewards(prompts, self.model_space_to_images(latents))
-        self.train(was_training)
         return {
             "latents": torch.stack(trajectory, dim=1),
             "log_probs": torch.stack(log_probs, dim=1),

@@ -91,7 +91,8 @@ def pairs_from_ratings(
 
     The combined rating of an image is ``ratings @ rating_weights``, or the mean of its
     rated aspects when ``rating_weights`` is None. Images without any rating form no
-    pair. With ``max_pairs_per_prompt``, that many pairs per prompt are drawn at random
+    pair, and with ``rating_weights`` neither do images missing the rating of any aspect
+    (NaN times a weight, even 0, is NaN). With ``max_pairs_per_prompt``, that many pairs per prompt are drawn at random
     (torch's global generator).
     """
     ratings = batch.ratings
@@ -185,7 +186,10 @@ class DiffusionDPO(RewardedDiffusion):
             "sample_batch_size": (sample_batch_size, 1),
             "train_batch_size": (train_batch_size, 1),
             "inner_epochs": (inner_epochs, 1),
-            "max_pairs_per_prompt": (max_pairs_per_prompt or 1, 1),
+            "max_pairs_per_prompt": (
+                1 if max_pairs_per_prompt is None else max_pairs_per_prompt,
+                1,
+            ),
         }
         for name, (value, least) in minimums.items():
             if value < least:

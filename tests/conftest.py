@@ -85,10 +85,17 @@ def scorer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fit_quietly(
-    model, datamodule, root: Path, max_epochs: int, ckpt_path: str | None = None, **options
+    model,
+    datamodule,
+    root: Path,
+    max_epochs: int,
+    ckpt_path: str | None = None,
+    store_rng: bool = True,
+    **options,
 ):
-    """Fit on the CPU without validation or logger, saving ``root/last.ckpt`` with the RNG states.
+    """Fit on the CPU without validation or logger, saving ``root/last.ckpt``.
 
+    With ``store_rng`` the checkpoint also stores the RNG states (``RngStateCheckpoint``).
     Returns the trainer; ``options`` go to ``lightning.pytorch.Trainer``.
     """
     import lightning.pytorch as pl
@@ -104,7 +111,7 @@ def fit_quietly(
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=[
-            RngStateCheckpoint(),
+            *([RngStateCheckpoint()] if store_rng else []),
             pl.callbacks.ModelCheckpoint(dirpath=root, filename="last"),
         ],
         **options,

@@ -103,6 +103,33 @@ def test_initial_loss_is_log_two() -> None:
     assert tiny_dpo(peft=LORA).reference_unet is None
 
 
+@pytest.mark.parametrize("adapter", [None, LORA], ids=["full", "lora"])
+def test_margin_uses_the_reference(adapter) -> None:
+    model = tiny_dpo(peft=adapter)
+    base = tiny_dpo()  # the starting weights, without adapter
+    with torch.no_grad():
+        for parameter in model.unet.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))  # the policy moves
+    seen = []
+    handle = model.unet.register_forward_hook(lambda m, inputs, output: seen.append(inputs))
+    preferred, dispreferred = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    _, diagnostics = model.pair_loss(["a", "b"], preferred, dispreferred)
+    handle.remove()
+    noisy, timesteps = seen[0][:2]
+    text = model.encode_prompts(["a", "b"] * 2)
+    abar = model.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    x0 = torch.cat([preferred, dispreferred]) * 2 - 1
+    noise = (noisy - abar.sqrt() * x0) / (1 - abar).sqrt()
+    with torch.no_grad():
+        policy = model.denoising_errors(model.unet, noisy, timesteps, text, noise)
+        reference = base.denoising_errors(base.unet, noisy, timesteps, text, noise)
+    # margin = -beta / 2 [(policy_w - policy_l) - (reference_w - reference_l)], beta 50.
+    margins = -25.0 * ((policy[:2] - policy[2:]) - (reference[:2] - reference[2:]))
+    assert abs(margins.mean().item()) > 1e-3  # the check is not trivial
+    assert diagnostics["rewards/margins"].item() == pytest.approx(margins.mean().item(), rel=1e-3)
+
+
 def test_lora_reference_is_the_adapter_free_base() -> None:
     model = tiny_dpo(peft=LORA)
     base = tiny_dpo()  # the same seed: the same base weights, no adapter
@@ -190,3 +217,5 @@ def test_invalid_arguments_are_named() -> None:
         tiny_dpo(samples_per_prompt=1)
     with pytest.raises(ValueError, match="beta=0"):
         tiny_dpo(beta=0.0)
+    with pytest.raises(ValueError, match="max_pairs_per_prompt=0 must be at least 1"):
+        tiny_dpo(max_pairs_per_prompt=0)

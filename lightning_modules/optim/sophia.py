@@ -45,7 +45,7 @@ class Sophia(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate; the update of one parameter is at most ``lr`` per step.
+        lr: learning rate; apart from weight decay, a coordinate moves at most ``lr`` per step.
         betas: (beta1, beta2), decay of the gradient momentum and of the Hessian estimate.
         rho: clipping scale; smaller rho means more coordinates take the full ``lr`` step.
         weight_decay: decoupled weight decay.
@@ -215,15 +215,31 @@ def hutchinson(
     """Return Hutchinson diagonal Hessian estimates max(u * (H u), 0), one per parameter.
 
     ``loss`` must still have its graph; u is a Rademacher vector (entries +-1) drawn from
-    ``generator`` on the CPU. Costs one extra backward pass through the gradient.
+    ``generator`` on the CPU. Costs two backward passes: the gradient with its graph,
+    then the Hessian-vector product. A parameter whose gradient does not depend on any
+    parameter (the loss is linear in it) gets a zero estimate.
     """
     parameters = list(parameters)
     gradients = torch.autograd.grad(loss, parameters, create_graph=True, allow_unused=True)
-    used = [(p, g) for p, g in zip(parameters, gradients, strict=True) if g is not None]
+    gradients = [
+        torch.zeros_like(p) if g is not None and g.grad_fn is None else g
+        for p, g in zip(parameters, gradients, strict=True)
+    ]
+    used = [
+        (p, g) for p, g in zip(parameters, gradients, strict=True) if g is not None and g.grad_fn
+    ]
     probes = [
         (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.device, p.dtype)
         for p, _ in used
     ]
-    products = torch.autograd.grad([g for _, g in used], [p for p, _ in used], grad_outputs=probes)
-    estimates = iter([(u * hv).clamp(min=0) for u, hv in zip(probes, products, strict=True)])
-    return [None if g is None else next(estimates) for g in gradients]
+    products = torch.autograd.grad(
+        [g for _, g in used], [p for p, _ in used], grad_outputs=probes, allow_unused=True
+    )
+    estimates = {
+        id(p): torch.zeros_like(p) if hv is None else (u * hv).clamp(min=0)
+        for (p, _), u, hv in zip(used, probes, products, strict=True)
+    }
+    return [
+        None if g is None else estimates.get(id(p), torch.zeros_like(p))
+        for p, g in zip(parameters, gradients, strict=True)
+    ]
