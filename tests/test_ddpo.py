@@ -201,8 +201,8 @@ def test_rollout_dataset_draws_prompts_per_epoch(
 def _fit(scorer_dir: Path, root: Path, max_epochs: int, ckpt_path: str | None = None) -> DDPO:
     model = tiny_ddpo(scorer_dir)
     data = RolloutDataModule(DigitsPromptDataModule(num_train_prompts=6, batch_size=3), seed=1)
-    # Without RngStateCheckpoint, as configs/ddpo/digits.yaml runs: rollouts draw from
-    # their own generator, so resuming needs no stored global RNG state.
+    # Without RngStateCheckpoint: rollouts draw from their own generator, so resuming
+    # needs no stored global RNG state.
     trainer = fit_quietly(
         model, data, root, max_epochs, ckpt_path, store_rng=False, accumulate_grad_batches=2
     )
