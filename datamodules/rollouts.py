@@ -2,7 +2,7 @@
 
 Methods such as DDPO and online Diffusion-DPO alternate between sampling from the current
 model and training on those samples. Here that alternation is an ordinary Lightning
-epoch: the training DataLoader wraps a :class:`RolloutDataset`, whose iterator asks the
+epoch. The training DataLoader wraps a :class:`RolloutDataset`, whose iterator calls the
 LightningModule (an :class:`OnPolicyMethod`) to sample and then yields the training
 batches the module makes of the samples. Lightning creates a new iterator at the start of
 every epoch, so each epoch samples afresh from the weights of that moment, and no second

@@ -21,10 +21,10 @@ of the chain earns the reward r(x_0, c) of a frozen scorer. One DDPO epoch:
    max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(log p_theta - log p_old).
 
 DDPO accumulates the gradients of a minibatch's trained steps and then takes one
-optimizer step; with ``trainer.accumulate_grad_batches`` equal to
-``steps_per_trajectory`` Lightning does the same, because the batches arrive in that
-order (the trajectories of a minibatch at their first chosen step, then at their second,
-and so on). Sampling and training alternate through
+optimizer step. The batches arrive in that order: the trajectories of a minibatch at
+their first chosen step, then at their second, and so on. So with
+``trainer.accumulate_grad_batches`` equal to ``steps_per_trajectory``, Lightning steps
+exactly as DDPO does. Sampling and training alternate through
 :class:`datamodules.rollouts.RolloutDataModule`; each Lightning epoch is one DDPO epoch.
 
 Log-probabilities are per dimension (the mean over C x H x W of the Gaussian log-density

@@ -16,9 +16,9 @@ is r = -beta / 2 * (err_theta - err_ref); the diagnostics log r of the preferred
 dispreferred images, their margin (the argument of the sigmoid) and the fraction of
 pairs with a positive margin, under the keys the text DPO module uses.
 
-The reference is the policy with its adapter switched off when the UNet carries peft
-adapter layers (LoRA, LoHa, LoKr, IA3), and otherwise a frozen copy of the starting
-UNet (full fine-tuning or BitFit, at the cost of a second UNet in memory).
+When the UNet carries peft adapter layers (LoRA, LoHa, LoKr, IA3), the reference is the
+policy with its adapter switched off. Otherwise (full fine-tuning or BitFit) it is a
+frozen copy of the starting UNet, which costs a second UNet in memory.
 
 Pairs come from either source:
 

@@ -44,9 +44,11 @@ def test_matches_sophiag_oracle() -> None:
     )
     oracle_model.load_state_dict(ours_model.state_dict())
     initial = ours_model[0].weight.detach().clone()
+
     settings = {"lr": 0.02, "betas": (0.9, 0.95), "rho": 0.05, "weight_decay": 0.1}
     ours = Sophia(ours_model.parameters(), hessian_interval=3, **settings)
     oracle = sophia_opt.SophiaG(oracle_model.parameters(), **settings)
+
     batch_size = 8
     generator = torch.Generator().manual_seed(1)
     for _ in range(12):
@@ -55,12 +57,12 @@ def test_matches_sophiag_oracle() -> None:
         if ours.hessian_due():
             # The same squared gradient for both: ours stores batch_size * g^2, SophiaG
             # stores g^2 and multiplies rho by bs at every step.
-            squared = []
+            gradients = []
             for model in (ours_model, oracle_model):
                 model.zero_grad()
                 torch.nn.functional.cross_entropy(model(inputs), targets).backward()
-                squared.append([p.grad.clone() for p in model.parameters()])
-            ours.update_hessian([batch_size * g * g for g in squared[0]])
+                gradients.append([p.grad.clone() for p in model.parameters()])
+            ours.update_hessian([batch_size * g * g for g in gradients[0]])
             oracle.update_hessian()
         for model, optimizer in ((ours_model, ours), (oracle_model, oracle)):
             model.zero_grad()
@@ -69,6 +71,7 @@ def test_matches_sophiag_oracle() -> None:
                 optimizer.step(bs=batch_size)
             else:
                 optimizer.step()
+
     for mine, theirs in zip(ours_model.parameters(), oracle_model.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
     assert not torch.equal(ours_model[0].weight, initial)  # the steps moved the weights

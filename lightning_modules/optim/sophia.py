@@ -21,9 +21,9 @@ a PyPI packaging of the authors' optimizer. NOTE: eps 1e-15 is SophiaG's constan
 refresh every 10 steps is the paper's k as this project recalls it, not checked. SophiaG
 multiplies rho by the batch size at every step and stores the unscaled g_hat^2. That
 gives the same update as the scaled estimate here when the batch size is fixed.
-PyTorch ships no Sophia. ``sophia-opt`` on PyPI packages the authors' SophiaG, whose
-GNB estimate lives in their training loop, not in the optimizer; it serves as the oracle
-of the tests instead of as a dependency.
+PyTorch ships no Sophia. ``sophia-opt`` on PyPI packages the authors' SophiaG, but its
+GNB estimate lives in their training loop, not in the optimizer. So it is the oracle of
+the tests (a dev dependency) rather than a runtime dependency.
 
 The refresh is requested through :meth:`Sophia.hessian_due` and supplied through
 :meth:`Sophia.update_hessian`; :class:`callbacks.hessian.HessianRefresh` does both for a
