@@ -25,7 +25,7 @@ from datamodules.loading import record_loader
 class PromptResponse:
     """One prompt with its reference response, and where it was read from."""
 
-    prompt: str
+    prompt: str | list[dict[str, str]]  # a text, or chat messages ending with a user turn
     response: str
     location: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +106,8 @@ class PromptResponseDataModule(pl.LightningDataModule):
     """Prompt/response files for fine-tuning; batches are lists of :class:`PromptResponse`.
 
     Args:
-        train_file: training records (see the module docstring for the format).
+        train_file: training records (see the module docstring for the format), or a
+            list of such files, read in order and concatenated.
         val_file: validation records; None skips validation.
         prompt_field: name of the prompt field.
         response_field: name of the response field.
@@ -118,7 +119,7 @@ class PromptResponseDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | list[str],
         val_file: str | None = None,
         prompt_field: str = "question",
         response_field: str = "answer",
@@ -142,7 +143,11 @@ class PromptResponseDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and "train" not in self.splits:
-            records = self._read(self.hparams.train_file)
+            files = self.hparams.train_file
+            files = [files] if isinstance(files, str) else list(files)
+            if not files:
+                raise ValueError("train_file is an empty list; give at least one file.")
+            records = [record for path in files for record in self._read(path)]
             limit = self.hparams.max_train_records
             self.splits["train"] = records[:limit] if limit is not None else records
         if stage in ("fit", "validate") and self.hparams.val_file and "val" not in self.splits:

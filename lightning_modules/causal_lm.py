@@ -20,6 +20,7 @@ from pathlib import Path
 import peft
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import Tensor
 
 from datamodules.prompt_response import PromptResponse
@@ -27,14 +28,20 @@ from lightning_modules.adapters import (
     AdapterHooks,
     BitFit,
     adapter_config,
+    adapters_disabled,
     apply_adapter,
     describe_adapter,
+    has_switchable_adapter,
     merge_adapter,
     save_adapter,
 )
 from lightning_modules.backbones import Backbone, load_model, load_tokenizer
 
 IGNORE_INDEX = -100
+# A prompt: a text (one user turn), or chat messages [{"role": ..., "content": ...}].
+Prompt = str | list[dict[str, str]]
+# How conversation roles are written for tokenizers without a chat template.
+ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
 @dataclass
@@ -125,18 +132,30 @@ class CausalLM(AdapterHooks):
             labels[row, : len(ids)] = torch.tensor(row_labels)
         return TokenBatch(input_ids, attention_mask, labels)
 
-    def _prompt_response_ids(self, record: PromptResponse) -> tuple[list[int], list[int]]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt`` as the model sees it before its answer.
+
+        ``prompt`` is a text (one user turn) or a conversation: a list of
+        ``{"role", "content"}`` messages that ends with a user turn. Without a chat
+        template, a conversation is written as "Human: ...", "Assistant: ..." paragraphs
+        ending with "Assistant:".
+        """
         tokenizer = self.tokenizer
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if tokenizer.chat_template:
             prompt_text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": record.prompt}],
-                add_generation_prompt=True,
-                tokenize=False,
+                messages, add_generation_prompt=True, tokenize=False
             )
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, str):
+            prompt_text = prompt + "\n"
         else:
-            prompt_ids = tokenizer(record.prompt + "\n", add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(record.response, add_special_tokens=False)["input_ids"]
+            turns = [f"{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
+            prompt_text = "\n\n".join([*turns, "Assistant:"]) + " "
+        return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_response_ids(self, record: PromptResponse) -> tuple[list[int], list[int]]:
+        prompt_ids = self.prompt_ids(record.prompt)
+        response_ids = self.tokenizer(record.response, add_special_tokens=False)["input_ids"]
         end_id = self.end_token_id
         if end_id is not None:
             response_ids = response_ids + [end_id]
@@ -148,6 +167,84 @@ class CausalLM(AdapterHooks):
         if self.tokenizer.eos_token_id is not None:
             return self.tokenizer.eos_token_id
         return self.tokenizer.sep_token_id
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[Prompt],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_return_sequences: int = 1,
+    ) -> list[str]:
+        """Answer each prompt; greedy unless ``do_sample``.
+
+        Returns ``len(prompts) * num_return_sequences`` answers, those of each prompt
+        together and in prompt order, without the prompt and the end token. Dropout is
+        off while generating and the previous training mode is restored afterwards.
+        Sampling draws from torch's global generator (``torch.manual_seed`` fixes it).
+        """
+        if not prompts:
+            return []
+        rows = [self.prompt_ids(prompt) for prompt in prompts]
+        length = max(len(ids) for ids in rows)
+        pad_id = self.tokenizer.pad_token_id
+        # Left padding, so every row's answer starts at the same position.
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, length - len(ids) :] = 1
+        options = {"do_sample": do_sample, "num_return_sequences": num_return_sequences}
+        if do_sample:
+            options.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            # The checkpoint's generation config may set sampling values; greedy ignores them.
+            options.update(temperature=None, top_p=None, top_k=None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=self.end_token_id,
+                **options,
+            )
+        finally:
+            self.model.train(was_training)
+        return self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+
+    # ------------------------------------------------------------ frozen reference
+
+    def keep_reference(self) -> None:
+        """Keep the current weights as the reference model of KL and preference terms.
+
+        With a peft adapter the reference is the same model with the adapter switched
+        off, so nothing is copied; otherwise a frozen copy is made now.
+        """
+        switchable = isinstance(self.model, PeftModel) or has_switchable_adapter(self.model)
+        self.reference_model = (
+            None if switchable else copy.deepcopy(self.model).requires_grad_(False).eval()
+        )
+
+    @torch.no_grad()
+    def reference_logits(self, batch: TokenBatch) -> Tensor:
+        """Return the [B, T, V] logits of the reference model (see :meth:`keep_reference`)."""
+        reference = getattr(self, "reference_model", None)
+        if reference is None:
+            with adapters_disabled(self.model):
+                return self.token_logits(batch)
+        logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return logits[:, -batch.input_ids.shape[1] :]
+
+    def train(self, mode: bool = True) -> CausalLM:
+        super().train(mode)
+        if getattr(self, "reference_model", None) is not None:
+            self.reference_model.eval()
+        return self
 
     def token_logits(self, batch: TokenBatch) -> Tensor:
         """Return the [B, T, V] logits at the input tokens of ``batch``."""

@@ -22,17 +22,15 @@ The optimizer is a config choice, AdamW (the default) or Sophia (SOUL):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Literal
 
 import peft
 import torch
-from peft import PeftModel
 from torch import Tensor
 
 from datamodules.prompt_response import PromptResponse
-from lightning_modules.adapters import BitFit, adapters_disabled, has_switchable_adapter
+from lightning_modules.adapters import BitFit
 from lightning_modules.backbones import Backbone
 from lightning_modules.causal_lm import CausalLM, TokenBatch
 from lightning_modules.losses.unlearning import (
@@ -143,16 +141,8 @@ class Unlearning(CausalLM):
             {"objective": objective, "gamma": gamma, "beta": beta, "kl_weight": kl_weight}
         )
         self.reference_model = None
-        needs_reference = objective == "npo" or kl_weight > 0
-        switchable = isinstance(self.model, PeftModel) or has_switchable_adapter(self.model)
-        if needs_reference and not switchable:
-            self.reference_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> Unlearning:
-        super().train(mode)
-        if getattr(self, "reference_model", None) is not None:
-            self.reference_model.eval()
-        return self
+        if objective == "npo" or kl_weight > 0:
+            self.keep_reference()
 
     # ------------------------------------------------------------------ building blocks
 
@@ -163,17 +153,6 @@ class Unlearning(CausalLM):
         """Return the mean response-token NLL of ``records`` under the current weights."""
         batch = self.tokens(records)
         return mean_nll(self.token_logits(batch), batch.labels)
-
-    @torch.no_grad()
-    def reference_logits(self, batch: TokenBatch) -> Tensor:
-        """Return the [B, T, V] logits of the starting model."""
-        if self.reference_model is None:
-            with adapters_disabled(self.model):
-                return self.token_logits(batch)
-        logits = self.reference_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).logits
-        return logits[:, -batch.input_ids.shape[1] :]
 
     def unlearning_loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the configured objective's loss on ``batch`` and the terms it logs."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.jsonl import DataValidationError
-from datamodules.prompt_response import read_prompt_response
+from datamodules.prompt_response import PromptResponseDataModule, read_prompt_response
 from tests.conftest import REPO_ROOT
 
 TOFU_DIR = REPO_ROOT.parent / "shared" / "data" / "tofu"
@@ -99,3 +99,16 @@ def test_tofu_perturbed_fields_kept() -> None:
     assert len(records) == 40
     assert len(records[0].extra["perturbed_answer"]) == 5
     assert isinstance(records[0].extra["paraphrased_question"], str)
+
+
+def test_several_training_files_are_read_in_order(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text('{"question": "q1?", "answer": "a1."}\n')
+    second.write_text(
+        '[{"question": "q2?", "answer": "a2."}, {"question": "q3?", "answer": "a3."}]\n'
+    )
+    data = PromptResponseDataModule([str(first), str(second)], max_train_records=2)
+    data.setup("fit")
+    assert [record.prompt for record in data.splits["train"]] == ["q1?", "q2?"]
+    with pytest.raises(ValueError, match="empty list"):
+        PromptResponseDataModule([]).setup("fit")
