@@ -7,6 +7,7 @@ message names the file, the 1-based line number, the field, the value and the fi
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ def read_json_lines(
     """Yield ``(line number, parsed value)`` for each non-blank line of ``path``.
 
     ``layout`` describes the expected content and goes into the fix of error messages.
+    A path ending in ``.gz`` is read through gzip.
 
     Raises:
         FileNotFoundError: ``path`` does not exist; the message names the path tried.
@@ -78,7 +80,12 @@ def read_json_lines(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSON Lines file not found: {path.resolve()}")
-    with path.open(encoding="utf-8") as handle:
+    opened = (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".gz"
+        else path.open(encoding="utf-8")
+    )
+    with opened as handle:
         for line_number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
