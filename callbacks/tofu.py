@@ -62,8 +62,12 @@ class TofuQuestion:
 
 
 def read_tofu_questions(path: str | Path, limit: int | None = None) -> list[TofuQuestion]:
-    """Read a TOFU ``*_perturbed.json`` file; with ``limit``, keep every (n // limit)-th
-    question, at most ``limit`` of them, so that the kept questions span the file."""
+    """Read a TOFU ``*_perturbed.json`` file of n questions.
+
+    With ``limit``, keep every (n // limit)-th question, at most ``limit`` of them. Unless
+    n is a multiple of ``limit``, the last n mod ``limit`` questions can stay out (of
+    world facts' 117 with a limit of 20, questions 0, 5, ..., 95 are kept).
+    """
     records = read_prompt_response(path, "question", "answer")
     questions = []
     for record in records:
@@ -208,7 +212,9 @@ def _write_json(path: Path, content: dict) -> None:
 class TofuEvaluation(pl.Callback):
     """Evaluate the module on TOFU after ``fit`` and on every ``validate`` call.
 
-    Runs on the global-zero process only. The module must be a
+    Runs on the global-zero process only. Under FSDP or DeepSpeed, whose processes each
+    hold a shard of the parameters, the end-of-fit evaluation is skipped with a warning
+    and ``validate`` raises; evaluate the export on one device instead. The module must be a
     :class:`lightning_modules.causal_lm.CausalLM` (or subclass).
 
     Args:
@@ -245,7 +251,10 @@ class TofuEvaluation(pl.Callback):
             "world_facts": world_facts_file,
         }
         if all(path is None for path in self.files.values()):
-            raise ValueError("TofuEvaluation needs at least one of the four question files.")
+            raise ValueError(
+                "TofuEvaluation needs at least one of forget_file, retain_file, "
+                "real_authors_file and world_facts_file; all four are None."
+            )
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(
                 f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be at least 1."
@@ -261,8 +270,10 @@ class TofuEvaluation(pl.Callback):
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.summary: dict[str, float] = {}
+        self._sharded = False
 
-    def _retain_model_ratios(self) -> list[float] | None:
+    def _retain_model_forget(self) -> dict[str, list] | None:
+        """Return the retain model's per-question forget results, or None without them."""
         if self.retain_model_results is None:
             return None
         path = Path(self.retain_model_results)
@@ -271,18 +282,42 @@ class TofuEvaluation(pl.Callback):
                 f"retain_model_results {path} not found; run this evaluation on the model "
                 "fine-tuned without the forget set first, and give its tofu_eval.json."
             )
-        content = json.loads(path.read_text(encoding="utf-8"))
         try:
-            return content["per_question"]["forget"]["truth_ratio"]
-        except KeyError as error:
+            forget = json.loads(path.read_text(encoding="utf-8"))["per_question"]["forget"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(
-                f"{path} has no per_question.forget.truth_ratio; it must be a TofuEvaluation "
-                "output that includes the forget set."
+                f"{path} is not a TofuEvaluation output with the forget set: {error!r}."
             ) from error
+        missing = {"truth_ratio", "question"} - set(forget)
+        if missing:
+            raise ValueError(
+                f"{path}: per_question.forget lacks {sorted(missing)}; rerun the evaluation "
+                "of the retain model with this version of TofuEvaluation."
+            )
+        return forget
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Checked before training, so that a wrong path does not surface after the run.
+        self._retain_model_forget()
+        # The evaluation calls the model on the global-zero process alone, which works
+        # under DDP but not with parameters sharded over processes.
+        strategy = type(trainer.strategy).__name__
+        self._sharded = "FSDP" in strategy or "DeepSpeed" in strategy
+        if self._sharded and stage == "validate":
+            raise ValueError(
+                f"TofuEvaluation runs the model on one process and does not support "
+                f"{strategy}; validate the exported model with a single-device strategy."
+            )
+        if self._sharded:
+            log.warning(
+                "TofuEvaluation is skipped at the end of this %s fit; evaluate the exported "
+                "model with `train.py validate` on one device (--trainer.limit_val_batches 1).",
+                strategy,
+            )
 
     def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, float]:
         """Run the evaluation, write and log the results, and return the metrics."""
-        retain_model_ratios = self._retain_model_ratios()
+        retain_model = self._retain_model_forget()
         results, references = {}, {}
         for name, path in self.files.items():
             if path is None:
@@ -291,6 +326,14 @@ class TofuEvaluation(pl.Callback):
             results[name] = evaluate_set(module, questions, self.batch_size, self.max_new_tokens)
             results[name]["question"] = [question.question for question in questions]
             references[name] = [question.answer for question in questions]
+        if retain_model is not None and "forget" in results:
+            if retain_model["question"] != results["forget"]["question"]:
+                raise ValueError(
+                    f"retain_model_results {self.retain_model_results} was computed on other "
+                    "forget questions; evaluate both models on the same forget file with the "
+                    "same questions_per_set."
+                )
+        retain_model_ratios = None if retain_model is None else retain_model["truth_ratio"]
         self.summary = summarize(results, references, retain_model_ratios)
         path = (
             Path(self.output_file)
@@ -316,7 +359,7 @@ class TofuEvaluation(pl.Callback):
         return self.summary
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self._sharded:
             self.evaluate(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -53,16 +53,24 @@ class PreferencePair:
 
 
 def transcript_messages(transcript: str) -> Messages:
-    """Return the turns of a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript as chat messages."""
+    """Parse a "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript into chat messages.
+
+    Consecutive turns of one role (4 harmless-base test transcripts have two human turns
+    in a row) are merged into one message, blank-line separated, because chat templates
+    such as Llama-2's require the roles to alternate.
+    """
     parts = _TURN.split(transcript)
     # parts = [text before the first marker, role, content, role, content, ...]
     if parts[0].strip():
         raise ValueError(f"the transcript does not start with a turn marker: {parts[0][:60]!r}")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [
-        {"role": roles[role], "content": content.strip()}
-        for role, content in zip(parts[1::2], parts[2::2], strict=True)
-    ]
+    messages: Messages = []
+    for role, content in zip(parts[1::2], parts[2::2], strict=True):
+        if messages and messages[-1]["role"] == roles[role]:
+            messages[-1]["content"] += "\n\n" + content.strip()
+        else:
+            messages.append({"role": roles[role], "content": content.strip()})
+    return messages
 
 
 def split_hh_rlhf(chosen: str, rejected: str) -> tuple[Messages, str, str]:
@@ -92,7 +100,7 @@ def _text(path: Path, line: int, data: dict, name: str) -> str:
             line,
             name,
             value,
-            "missing or not a non-empty string" if value is None else "expected a non-empty string",
+            "missing" if value is None else "expected a non-empty string",
             f"give every record a non-empty {name!r} string (keys found: {sorted(data)})",
         )
     return value

@@ -75,7 +75,8 @@ class CausalLM(AdapterHooks):
         model: the causal LM (``pretrained`` name/dir, ``gguf_file``, or inline ``config``).
         peft: a peft config (e.g. ``peft.LoraConfig``) or ``BitFit``; None trains
             every parameter.
-        max_length: maximum tokens per record; longer records lose the end of the response.
+        max_length: maximum tokens per record. Longer records lose the beginning of the
+            prompt (down to half of ``max_length``) and then the end of the response.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         export_merged: with a peft adapter, also export the model with the adapter
@@ -118,9 +119,9 @@ class CausalLM(AdapterHooks):
         """Tokenize records into right-padded ids with labels on response tokens only."""
         rows = []
         for record in records:
-            prompt_ids, response_ids = self._prompt_response_ids(record)
-            ids = (prompt_ids + response_ids)[: self.hparams.max_length]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: self.hparams.max_length]
+            prompt_ids, response_ids = self._truncate(*self._prompt_response_ids(record))
+            ids = prompt_ids + response_ids
+            labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
             rows.append((ids, labels))
         length = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -131,6 +132,22 @@ class CausalLM(AdapterHooks):
             attention_mask[row, : len(ids)] = 1
             labels[row, : len(ids)] = torch.tensor(row_labels)
         return TokenBatch(input_ids, attention_mask, labels)
+
+    def _truncate(
+        self, prompt_ids: list[int], response_ids: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Fit a prompt and its response into ``max_length`` tokens.
+
+        The prompt loses its beginning, down to half of ``max_length`` when the response
+        needs the room, and then the response loses its end. So a long prompt never
+        leaves a record without response tokens.
+        """
+        limit = self.hparams.max_length
+        if len(prompt_ids) + len(response_ids) <= limit:
+            return prompt_ids, response_ids
+        kept = max(limit - len(response_ids), min(len(prompt_ids), limit // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - kept :]
+        return prompt_ids, response_ids[: limit - len(prompt_ids)]
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of ``prompt`` as the model sees it before its answer.

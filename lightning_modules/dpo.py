@@ -50,7 +50,8 @@ class DPO(CausalLM):
         precompute_reference: score every pair under the reference once, when fitting
             starts, instead of at every step.
         peft: a peft config or ``BitFit``; None trains every parameter.
-        max_length: maximum tokens per prompt and response; longer ones lose the end of
+        max_length: maximum tokens per prompt and response. Longer ones lose the
+            beginning of the prompt (down to half of ``max_length``), then the end of
             the response.
         learning_rate: AdamW learning rate (when no ``optimizer`` is configured).
         weight_decay: AdamW weight decay.
@@ -149,6 +150,7 @@ class DPO(CausalLM):
     # ------------------------------------------------------------------ Lightning
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if not self.hparams.precompute_reference:
             return
         datamodule = self.trainer.datamodule
@@ -157,9 +159,17 @@ class DPO(CausalLM):
                 "precompute_reference needs the pairs from a LightningDataModule; pass one "
                 "to fit, or set precompute_reference to false."
             )
-        for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
-            for pairs in loader:
-                self._cache_reference(pairs)
+        # Scored as the steps would score them: in eval mode (no dropout) and under the
+        # trainer's precision, so that the log-ratios of the starting policy are 0.
+        was_training = self.training
+        self.eval()
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
+                    for pairs in loader:
+                        self._cache_reference(pairs)
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def _cache_reference(self, pairs: list[PreferencePair]) -> None:

@@ -39,6 +39,8 @@ FORGET01_QUESTIONS = 40
 # Protocol directory: the configs in configs/soul/ read the subset from it and write
 # models and results into it.
 RUNS = Path("runs/soul")
+# The configs read forget01, the perturbed sets and the refusals from here as well.
+TOFU_DIR = REPO_ROOT.parent / "shared" / "data" / "tofu"
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -111,13 +113,12 @@ def _row(name: str, runs: Path, retain_ratios: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tofu-dir", type=Path, default=REPO_ROOT.parent / "shared/data/tofu")
     parser.add_argument("--authors", type=int, default=8, help="retain authors in the subset")
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "sophia"])
     parser.add_argument("--objectives", nargs="+", default=["ga", "grad_diff", "npo", "po"])
     arguments = parser.parse_args(argv)
     runs = RUNS
-    prepare(arguments.tofu_dir, REPO_ROOT / runs / "data", arguments.authors)
+    prepare(TOFU_DIR, REPO_ROOT / runs / "data", arguments.authors)
 
     _train("finetuned", ["--config", "configs/soul/finetune_smollm2.yaml"], REPO_ROOT / runs)
     _train("retain", ["--config", "configs/soul/retain_smollm2.yaml"], REPO_ROOT / runs)

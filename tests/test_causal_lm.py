@@ -210,3 +210,21 @@ def test_checkpoint_keeps_trainable_parameters_only() -> None:
     wider = tiny_model(peft=peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
     with pytest.raises(KeyError, match="lacks parameters.*k_proj"):
         wider.on_load_checkpoint(checkpoint)
+
+
+def test_long_prompt_keeps_response_tokens() -> None:
+    module = tiny_model(max_length=16)
+    long_prompt = " ".join(["word"] * 40)
+    prompt_ids, response_ids = module._prompt_response_ids(
+        PromptResponse(long_prompt, "Jane did.", "x")
+    )
+    batch = module.featurize([PromptResponse(long_prompt, "Jane did.", "x")])
+    # The prompt keeps its last 16 - len(response) tokens; the whole response stays.
+    assert batch.input_ids.shape[1] == 16
+    assert batch.input_ids[0].tolist() == prompt_ids[-(16 - len(response_ids)) :] + response_ids
+    assert (batch.labels[0] != IGNORE_INDEX).sum().item() == len(response_ids)
+    # A long response too: the prompt keeps half of max_length, the response the rest.
+    long_response = " ".join(["answer"] * 40)
+    batch = module.featurize([PromptResponse(long_prompt, long_response, "x")])
+    assert (batch.labels[0] != IGNORE_INDEX).sum().item() == 8
+    assert batch.input_ids.shape[1] == 16

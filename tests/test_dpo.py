@@ -137,11 +137,18 @@ def test_precomputed_reference_matches_and_is_used(tmp_path: Path) -> None:
     )
     data = TextPreferenceDataModule(str(path), val_size=2, batch_size=2)
     module = tiny_dpo(peft=LORA, precompute_reference=True)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()  # the policy now differs from the reference
     expected = {}
     data.setup("fit")
     for pair in data.splits["train"] + data.splits["val"]:
         chosen, rejected = module.reference_log_probs([pair])
         expected[pair.location] = (chosen.item(), rejected.item())
+        with torch.no_grad():
+            policy_chosen, _ = module.policy_log_probs(module.pair_tokens([pair]))
+        assert abs(policy_chosen.item() - chosen.item()) > 1e-3
     fit_quietly(module, data, tmp_path, max_epochs=1, store_rng=False)
     assert module.reference_cache.keys() == expected.keys()
     for location, values in expected.items():
@@ -179,6 +186,11 @@ def test_hh_rlhf_split_and_messages() -> None:
     assert chosen_turn == "Sure.\n\nHuman: Thanks\n\nAssistant: Welcome."
     with pytest.raises(ValueError, match="turn marker"):
         transcript_messages("Hi\n\nAssistant: Hello")
+    # Two human turns in a row become one message, so the roles alternate.
+    assert transcript_messages("\n\nHuman: a\n\nHuman: b\n\nAssistant: c") == [
+        {"role": "user", "content": "a\n\nb"},
+        {"role": "assistant", "content": "c"},
+    ]
 
 
 @pytest.mark.skipif(not HH_TEST.is_file(), reason=f"HH-RLHF not found at {HH_TEST}")

@@ -219,8 +219,16 @@ def test_callback_writes_results_after_fit_and_validate(tmp_path: Path) -> None:
     # The written answers and losses are those of the trained model.
     questions = read_tofu_questions(forget)
     direct = evaluate_set(module, questions, batch_size=16, max_new_tokens=4)
-    assert written["per_question"]["forget"]["generated"] == direct["generated"]
-    np.testing.assert_allclose(written["per_question"]["forget"]["true_loss"], direct["true_loss"])
+    forget_results = written["per_question"]["forget"]
+    assert forget_results["generated"] == direct["generated"]
+    np.testing.assert_allclose(forget_results["true_loss"], direct["true_loss"])
+    # The truth ratio compares the paraphrased answer (not the true one) with the perturbed.
+    base, true = np.array(forget_results["base_loss"]), np.array(forget_results["true_loss"])
+    assert np.abs(base - true).min() > 1e-4
+    expected = np.exp(np.mean(forget_results["perturbed_loss"], axis=1) - base)
+    np.testing.assert_allclose(forget_results["truth_ratio"], expected, rtol=1e-6)
+    base_answer = answer_losses(module, [questions[0].question], [questions[0].base_answer], 1)
+    assert base[0] == pytest.approx(base_answer[0], rel=1e-5)
 
     # Against its own truth ratios the forget quality is 1; validate runs the evaluation.
     second = tmp_path / "again.json"
@@ -238,6 +246,15 @@ def test_callback_writes_results_after_fit_and_validate(tmp_path: Path) -> None:
     )
     trainer.validate(module, datamodule=data)
     assert json.loads(second.read_text())["metrics"]["tofu/forget_quality"] == pytest.approx(1.0)
+
+    # Results of another forget file are rejected, though the question count matches.
+    other = write_perturbed(tmp_path / "other.json", 3)
+    other.write_text(other.read_text().replace("book", "novel"))
+    callback = TofuEvaluation(
+        forget_file=str(other), retain_model_results=str(first), max_new_tokens=4
+    )
+    with pytest.raises(ValueError, match="other forget questions"):
+        callback.evaluate(trainer, module)
 
 
 def test_missing_retain_model_results_is_explained(tmp_path: Path) -> None:
