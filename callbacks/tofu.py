@@ -212,9 +212,9 @@ def _write_json(path: Path, content: dict) -> None:
 class TofuEvaluation(pl.Callback):
     """Evaluate the module on TOFU after ``fit`` and on every ``validate`` call.
 
-    Runs on the global-zero process only. Under FSDP or DeepSpeed, whose processes each
-    hold a shard of the parameters, the end-of-fit evaluation is skipped with a warning
-    and ``validate`` raises; evaluate the export on one device instead. The module must be a
+    Runs on the global-zero process only. Under FSDP or DeepSpeed each process holds
+    only a shard of the parameters, so the end-of-fit evaluation is skipped with a
+    warning and ``validate`` raises. Evaluate the export on one device instead. The module must be a
     :class:`lightning_modules.causal_lm.CausalLM` (or subclass).
 
     Args:

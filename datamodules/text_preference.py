@@ -77,7 +77,7 @@ def split_hh_rlhf(chosen: str, rejected: str) -> tuple[Messages, str, str]:
     """Split two HH-RLHF transcripts into (shared conversation, chosen turn, rejected turn).
 
     The split point is the last "\\n\\nAssistant:" within the longest common prefix of
-    the two transcripts; the conversation before it must end with a human turn.
+    the two transcripts. The conversation before it must end with a human turn.
     """
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT)

@@ -40,8 +40,13 @@ from lightning_modules.backbones import Backbone, load_model, load_tokenizer
 IGNORE_INDEX = -100
 # A prompt: a text (one user turn), or chat messages [{"role": ..., "content": ...}].
 Prompt = str | list[dict[str, str]]
-# How conversation roles are written for tokenizers without a chat template.
+# Role names written for tokenizers without a chat template.
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+def plain_conversation(messages: list[dict[str, str]]) -> str:
+    """Write chat messages as "Human: ..." and "Assistant: ..." paragraphs."""
+    return "\n\n".join(f"{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in messages)
 
 
 @dataclass
@@ -150,7 +155,7 @@ class CausalLM(AdapterHooks):
         return prompt_ids, response_ids[: limit - len(prompt_ids)]
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """Token ids of ``prompt`` as the model sees it before its answer.
+        """Return the token ids of ``prompt`` as the model reads it before the response.
 
         ``prompt`` is a text (one user turn) or a conversation: a list of
         ``{"role", "content"}`` messages that ends with a user turn. Without a chat
@@ -166,8 +171,7 @@ class CausalLM(AdapterHooks):
         elif isinstance(prompt, str):
             prompt_text = prompt + "\n"
         else:
-            turns = [f"{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
-            prompt_text = "\n\n".join([*turns, "Assistant:"]) + " "
+            prompt_text = plain_conversation(messages) + "\n\nAssistant: "
         return tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
 
     def _prompt_response_ids(self, record: PromptResponse) -> tuple[list[int], list[int]]:
@@ -240,7 +244,7 @@ class CausalLM(AdapterHooks):
         """Keep the current weights as the reference model of KL and preference terms.
 
         With a peft adapter the reference is the same model with the adapter switched
-        off, so nothing is copied; otherwise a frozen copy is made now.
+        off, so nothing is copied. Otherwise a frozen copy is made now.
         """
         switchable = isinstance(self.model, PeftModel) or has_switchable_adapter(self.model)
         self.reference_model = (

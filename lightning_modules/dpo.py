@@ -102,11 +102,16 @@ class DPO(CausalLM):
 
     # ------------------------------------------------------------------ scoring
 
+    @staticmethod
+    def pair_records(pairs: list[PreferencePair]) -> list[PromptResponse]:
+        """Return the chosen then the rejected responses of ``pairs`` as 2P records."""
+        chosen = [PromptResponse(pair.prompt, pair.chosen, pair.location) for pair in pairs]
+        rejected = [PromptResponse(pair.prompt, pair.rejected, pair.location) for pair in pairs]
+        return chosen + rejected
+
     def pair_tokens(self, pairs: list[PreferencePair]) -> TokenBatch:
         """Tokenize the chosen then the rejected responses of ``pairs``: 2P rows."""
-        records = [PromptResponse(pair.prompt, pair.chosen, pair.location) for pair in pairs]
-        records += [PromptResponse(pair.prompt, pair.rejected, pair.location) for pair in pairs]
-        return self.featurize(records).to(self.device)
+        return self.featurize(self.pair_records(pairs)).to(self.device)
 
     def _sequence_log_probs(self, logits: Tensor, labels: Tensor) -> Tensor:
         sums, counts = response_log_probs(logits, labels)
@@ -200,9 +205,7 @@ class DPO(CausalLM):
     # Sophia's Hessian refresh, on the chosen and rejected responses of the step.
 
     def hessian_logits(self, pairs: list[PreferencePair]) -> tuple[Tensor, Tensor]:
-        records = [PromptResponse(p.prompt, p.chosen, p.location) for p in pairs]
-        records += [PromptResponse(p.prompt, p.rejected, p.location) for p in pairs]
-        return super().hessian_logits(records)
+        return super().hessian_logits(self.pair_records(pairs))
 
     def hessian_loss(self, pairs: list[PreferencePair]) -> Tensor:
         return self.preference_loss(pairs)[0]

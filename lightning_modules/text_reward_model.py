@@ -44,7 +44,7 @@ from lightning_modules.adapters import (
     merge_adapter,
 )
 from lightning_modules.backbones import Backbone, load_model, load_tokenizer
-from lightning_modules.causal_lm import ROLE_NAMES, Prompt
+from lightning_modules.causal_lm import Prompt, plain_conversation
 from lightning_modules.metrics.preference import PairwiseAccuracy
 
 
@@ -128,9 +128,7 @@ class TextRewardModel(AdapterHooks):
         messages = [*messages, {"role": "assistant", "content": response}]
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return "\n\n".join(
-            f"{ROLE_NAMES.get(m['role'], m['role'])}: {m['content']}" for m in messages
-        )
+        return plain_conversation(messages)
 
     def forward(self, prompts: list[Prompt], responses: list[str]) -> Tensor:
         """Return the [B] scores of ``responses`` to ``prompts``, with a graph."""

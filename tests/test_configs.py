@@ -234,7 +234,7 @@ for _name_ in ("soul/unlearn_adamw.yaml", "soul/unlearn_sophia.yaml"):
         "null",
     ]
 
-# The paper-scale configs need Llama-2-7B; a random 2-layer Llama stands in here.
+# The paper-scale configs need Llama-2-7B, so a random 2-layer Llama replaces it here.
 _TINY_LLAMA = {"pretrained": None, "config": TINY_LLAMA, "tokenizer": MINILM_TOKENIZER}
 _PAPER_SCALE = [
     "--model.init_args.model",
