@@ -267,3 +267,89 @@ class TextPreferenceDataModule(pl.LightningDataModule):
         return record_loader(
             self.splits["val"], hparams.batch_size, False, hparams.seed, hparams.num_workers
         )
+
+
+class PreferencePromptDataModule(pl.LightningDataModule):
+    """The prompts of a preference file, for methods that sample their own responses.
+
+    TS-Align trains on responses its policy generates, so it needs prompts only. This
+    module reads the pairs as :class:`TextPreferenceDataModule` does, holds out the same
+    ``val_size`` pairs for the same ``seed`` (so a reward model trained with that module
+    never saw the held-out prompts), and keeps each split's distinct prompts in file
+    order. Batches are lists of prompts: a string, or a list of chat messages for a
+    multi-turn prompt.
+
+    Args:
+        file: the pairs (see the module docstring for the formats).
+        format: ``pairs`` or ``hh_rlhf``.
+        val_size: pairs held out; their prompts are the validation prompts.
+        single_turn: keep only prompts that are one user message, as plain strings.
+        max_val_prompts: keep only the first N validation prompts (None: all).
+        prompt_field, chosen_field, rejected_field: field names (format ``pairs``).
+        batch_size: prompts per batch.
+        seed: the held-out draw.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        format: Literal["pairs", "hh_rlhf"] = "pairs",
+        val_size: int = 0,
+        single_turn: bool = False,
+        max_val_prompts: int | None = None,
+        prompt_field: str = "prompt",
+        chosen_field: str = "chosen",
+        rejected_field: str = "rejected",
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1 or (max_val_prompts is not None and max_val_prompts < 1):
+            raise ValueError(
+                f"batch_size={batch_size} and max_val_prompts={max_val_prompts} must be at "
+                "least 1 (max_val_prompts may be None)."
+            )
+        # Plain attributes, not save_hyperparameters: inside RolloutDataModule, LightningCLI
+        # would give this module the outer data module's hyper-parameters.
+        self.file, self.format, self.val_size = file, format, val_size
+        self.single_turn, self.max_val_prompts = single_turn, max_val_prompts
+        self.fields = (prompt_field, chosen_field, rejected_field)
+        self.batch_size, self.seed = batch_size, seed
+        self.splits: dict[str, list[str | Messages]] = {}
+
+    def _prompts(self, pairs: list[PreferencePair]) -> list[str | Messages]:
+        prompts, seen = [], set()
+        for pair in pairs:
+            prompt = pair.prompt
+            if self.single_turn:
+                if isinstance(prompt, list):
+                    if len(prompt) != 1:
+                        continue
+                    prompt = prompt[0]["content"]
+            key = prompt if isinstance(prompt, str) else repr(prompt)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(prompt)
+        return prompts
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        pairs = read_preference_pairs(self.file, self.format, *self.fields)
+        train_index, val_index = held_out_split(len(pairs), self.val_size, self.seed)
+        train = self._prompts([pairs[i] for i in train_index])
+        val = self._prompts([pairs[i] for i in val_index])[: self.max_val_prompts]
+        if not train:
+            raise ValueError(
+                f"{self.file} leaves no training prompts (single_turn={self.single_turn}, "
+                f"val_size={self.val_size}); lower val_size or set single_turn to false."
+            )
+        self.splits = {"train": train, "val": val}
+
+    def train_dataloader(self) -> DataLoader:
+        return record_loader(self.splits["train"], self.batch_size, True, self.seed)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.splits["val"]:
+            return []
+        return record_loader(self.splits["val"], self.batch_size, False, 0)

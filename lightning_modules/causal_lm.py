@@ -238,6 +238,22 @@ class CausalLM(AdapterHooks):
             self.model.train(was_training)
         return self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
 
+    def generate_reference(self, prompts: list[Prompt], **options) -> list[str]:
+        """Answer each prompt with the reference model (:meth:`keep_reference`).
+
+        ``options`` are those of :meth:`generate`.
+        """
+        reference = getattr(self, "reference_model", None)
+        if reference is None:
+            with adapters_disabled(self.model):
+                return self.generate(prompts, **options)
+        policy = self.model
+        self.model = reference
+        try:
+            return self.generate(prompts, **options)
+        finally:
+            self.model = policy
+
     # ------------------------------------------------------------ frozen reference
 
     def keep_reference(self) -> None:

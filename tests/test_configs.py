@@ -253,6 +253,7 @@ OFFLINE_OVERRIDES["soul/tofu_llama2_7b_unlearn.yaml"] = [
 ]
 
 HH_RLHF = REPO_ROOT.parent / "shared" / "data" / "hh_rlhf" / "harmless-base_test.jsonl.gz"
+HH_METHODS = ("dpo/", "text_reward_model/", "ts_align/")
 _SMALL_HH = [
     "--data.init_args.train_file",
     str(HH_RLHF),
@@ -270,6 +271,54 @@ OFFLINE_OVERRIDES["dpo/hh_smollm2.yaml"] = [
     *_SMALL_HH,
     "--trainer.val_check_interval",
     "1.0",
+]
+OFFLINE_OVERRIDES["text_reward_model/llama2_13b_hh.yaml"] = [
+    *_SMALL_HH,
+    "--model.init_args.model",
+    json.dumps(_TINY_LLAMA),
+    "--trainer.val_check_interval",
+    "1.0",
+    "--trainer.accumulate_grad_batches",
+    "1",
+]
+
+
+def _write_text_scorers(root: Path) -> None:
+    """Export tiny random reward models where the TS-Align configs read their student
+    and teacher."""
+    from callbacks.export import export_module
+    from tests.test_text_reward_model import TINY_BERT, tiny_scorer
+
+    for name, config in (("student", TINY_BERT), ("teacher", TINY_LLAMA)):
+        export_module(tiny_scorer(config).eval(), root / "runs" / "ts_align" / name / "best")
+    (root / "runs" / "ts_align" / "teacher_13b").symlink_to(root / "runs" / "ts_align" / "teacher")
+
+
+_SMALL_TS_ALIGN = [
+    "--data.init_args.prompts.init_args.file",
+    str(HH_RLHF),
+    "--data.init_args.prompts.init_args.max_val_prompts",
+    "2",
+    "--data.init_args.prompts.init_args.batch_size",
+    "2",
+    "--model.init_args.prompts_per_iteration",
+    "2",
+    "--model.init_args.samples_per_prompt",
+    "3",
+    "--model.init_args.top_k",
+    "1",
+    "--model.init_args.max_new_tokens",
+    "4",
+    "--model.init_args.pairs_per_batch",
+    "1",
+]
+OFFLINE_OVERRIDES["ts_align/smollm2_hh.yaml"] = _SMALL_TS_ALIGN
+OFFLINE_OVERRIDES["ts_align/llama2_7b.yaml"] = [
+    *_SMALL_TS_ALIGN,
+    "--model.init_args.model",
+    json.dumps(_TINY_LLAMA),
+    "--trainer.accumulate_grad_batches",
+    "1",
 ]
 
 
@@ -306,17 +355,21 @@ def test_method_config_parses(config: Path) -> None:
 def test_method_config_runs(config: Path, tmp_path: Path) -> None:
     if _name(config).startswith(("causal_lm/", "unlearning/", "soul/")) and not TOFU_DIR.is_dir():
         pytest.skip(f"TOFU data not found at {TOFU_DIR}")
-    if _name(config).startswith(("dpo/", "text_reward_model/")) and not HH_RLHF.is_file():
+    if _name(config).startswith(HH_METHODS) and not HH_RLHF.is_file():
         pytest.skip(f"HH-RLHF data not found at {HH_RLHF}")
     extra = OFFLINE_OVERRIDES.get(_name(config), [])
     if _name(config).startswith(DIFFUSION_METHODS):
         # It starts from a diffusion model and a VP-Score; untrained digits ones will do.
         _write_diffusion_inputs(tmp_path)
+    if _name(config).startswith("ts_align/"):
+        _write_text_scorers(tmp_path)
     run_train(["fit", "--config", str(config), *QUICK, *extra], cwd=tmp_path)
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, f"no checkpoint written under {tmp_path}"
     if _name(config).startswith("soul/"):
         assert list(tmp_path.rglob("tofu_eval.json")), "the TOFU evaluation wrote no results"
+    if _name(config).startswith("ts_align/"):
+        assert list(tmp_path.rglob("iteration_0.jsonl")), "TS-Align wrote no mined pairs"
     assert list(tmp_path.rglob("config.yaml"))
 
 
