@@ -156,7 +156,7 @@ class DPO(CausalLM):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if not self.hparams.precompute_reference:
+        if not self.hparams.get("precompute_reference", False):
             return
         datamodule = self.trainer.datamodule
         if datamodule is None:

@@ -222,6 +222,10 @@ class TSAlign(DPO):
             weight_decay=weight_decay,
             export_merged=export_merged,
         )
+        # LightningCLI passes a checkpoint's hyper-parameters back to __init__ on resume,
+        # so they must be this class's arguments only. TSAlign makes its data as it
+        # trains, so it has no precomputed reference.
+        del self.hparams["precompute_reference"]
         student_model = load_text_scorer(student)
         teacher_model = load_text_scorer(teacher).requires_grad_(False)
         self.scorers = _Scorers(

@@ -7,6 +7,7 @@ iterations, the win rate against the starting policy, and the prompt module on H
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -166,6 +167,8 @@ def test_iteration_mines_scored_pairs(scorers, tmp_path, adapter) -> None:
             scores = dict(zip(record["teacher_candidates"], record["teacher_scores"], strict=True))
             assert scores[record["chosen"]] > scores[record["rejected"]]
     assert mined >= 3
+    # LightningCLI gives the hyper-parameters back to __init__ when it resumes.
+    assert set(module.hparams) <= set(inspect.signature(TSAlign).parameters)
     history = module.history[0]
     assert history["teacher_calls_per_prompt"] == 2.0
     assert history["pairs"] == mined
