@@ -88,7 +88,8 @@ class RolloutDataModule(pl.LightningDataModule):
 
     Args:
         prompts: a data module whose loaders yield lists of prompts
-            (``PromptDataModule`` or ``DigitsPromptDataModule``).
+            (``PromptDataModule``, ``DigitsPromptDataModule`` or
+            ``PreferencePromptDataModule``).
         seed: seed of the prompt draws and of the sampling noise.
     """
 
@@ -110,12 +111,19 @@ class RolloutDataModule(pl.LightningDataModule):
             raise TypeError(
                 f"RolloutDataModule trains on the model's own samples, but "
                 f"{type(method).__name__} does not provide rollout_prompt_count, "
-                "rollout_batch_count and rollout_batches; use it with DDPO or "
-                "DiffusionDPO(pairs_from='samples'), or choose another data module."
+                "rollout_batch_count and rollout_batches; use it with DDPO, "
+                "DiffusionDPO(pairs_from='samples') or TSAlign, or choose another data module."
             )
         prompts = [prompt for batch in self.prompts.train_dataloader() for prompt in batch]
-        # batch_size=None: the module's batches pass through as they are.
-        return DataLoader(RolloutDataset(method, prompts, self.seed), batch_size=None)
+        # batch_size=None: the module's batches pass through as they are. Each new
+        # iterator draws a seed from ``generator`` instead of the global generator, because
+        # a resumed run creates its first iterator before the checkpoint's RNG state is
+        # restored, and a global draw would shift the dropout masks of the training steps.
+        return DataLoader(
+            RolloutDataset(method, prompts, self.seed),
+            batch_size=None,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.prompts.val_dataloader()

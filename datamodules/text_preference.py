@@ -273,11 +273,12 @@ class PreferencePromptDataModule(pl.LightningDataModule):
     """The prompts of a preference file, for methods that sample their own responses.
 
     TS-Align trains on responses its policy generates, so it needs prompts only. This
-    module reads the pairs as :class:`TextPreferenceDataModule` does, holds out the same
-    ``val_size`` pairs for the same ``seed`` (so a reward model trained with that module
-    never saw the held-out prompts), and keeps each split's distinct prompts in file
-    order. Batches are lists of prompts: a string, or a list of chat messages for a
-    multi-turn prompt.
+    module reads the pairs as :class:`TextPreferenceDataModule` does and holds out the
+    same ``val_size`` pairs for the same ``seed``, so the validation prompts are those of
+    the pairs that a reward model trained with that module held out. Each split keeps
+    its distinct prompts in file order, and a prompt of both splits (a file may repeat
+    a prompt in several pairs) stays out of the training prompts. Batches are lists of
+    prompts: a string, or a list of chat messages for a multi-turn prompt.
 
     Args:
         file: the pairs (see the module docstring for the formats).
@@ -317,6 +318,10 @@ class PreferencePromptDataModule(pl.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         self.splits: dict[str, list[str | Messages]] = {}
 
+    @staticmethod
+    def _key(prompt: str | Messages) -> str:
+        return prompt if isinstance(prompt, str) else repr(prompt)
+
     def _prompts(self, pairs: list[PreferencePair]) -> list[str | Messages]:
         prompts, seen = [], set()
         for pair in pairs:
@@ -326,7 +331,7 @@ class PreferencePromptDataModule(pl.LightningDataModule):
                     if len(prompt) != 1:
                         continue
                     prompt = prompt[0]["content"]
-            key = prompt if isinstance(prompt, str) else repr(prompt)
+            key = self._key(prompt)
             if key not in seen:
                 seen.add(key)
                 prompts.append(prompt)
@@ -337,8 +342,13 @@ class PreferencePromptDataModule(pl.LightningDataModule):
             return
         pairs = read_preference_pairs(self.file, self.format, *self.fields)
         train_index, val_index = held_out_split(len(pairs), self.val_size, self.seed)
-        train = self._prompts([pairs[i] for i in train_index])
         val = self._prompts([pairs[i] for i in val_index])[: self.max_val_prompts]
+        held_out = {self._key(prompt) for prompt in val}
+        train = [
+            prompt
+            for prompt in self._prompts([pairs[i] for i in train_index])
+            if self._key(prompt) not in held_out
+        ]
         if not train:
             raise ValueError(
                 f"{self.file} leaves no training prompts (single_turn={self.single_turn}, "

@@ -205,8 +205,12 @@ class TextRewardModel(AdapterHooks):
         (directory / "text_reward_model.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def load_text_scorer(directory: str | Path) -> TextRewardModel:
-    """Load an exported :class:`TextRewardModel` in eval mode, on the CPU."""
+def load_text_scorer(directory: str | Path, dtype: str = "float32") -> TextRewardModel:
+    """Load an exported :class:`TextRewardModel` in eval mode, on the CPU.
+
+    ``dtype`` is the backbone's parameter dtype (``"bfloat16"`` halves a large
+    teacher's memory). The head stays in float32.
+    """
     directory = Path(directory)
     settings_path = directory / "text_reward_model.json"
     if not settings_path.is_file():
@@ -216,7 +220,7 @@ def load_text_scorer(directory: str | Path) -> TextRewardModel:
         )
     settings = json.loads(settings_path.read_text())
     backbone = Backbone(
-        pretrained=str(directory / "backbone"), tokenizer=str(directory / "tokenizer")
+        pretrained=str(directory / "backbone"), tokenizer=str(directory / "tokenizer"), dtype=dtype
     )
     scorer = TextRewardModel(
         backbone, pooling=settings["pooling"], max_length=settings["max_length"]

@@ -15,7 +15,9 @@ drawn from the training prompts:
 5. the student is trained with the Bradley-Terry loss on every pair of those 2k that
    the teacher orders, which distills the teacher's ranking into it;
 6. the epoch's training batches are the mined pairs, on which :class:`DPO` trains the
-   policy against the frozen starting policy.
+   policy against the frozen starting policy. An epoch always has
+   ceil(``prompts_per_iteration`` / ``pairs_per_batch``) batches (see
+   :meth:`TSAlign.rollout_batches`).
 
 The student is distilled in step 5, before the policy's DPO steps rather than after
 them: the two updates are independent within an iteration, and this order puts the
@@ -43,7 +45,8 @@ logged values of every iteration so far).
 Resuming: checkpoints hold the student's weights and optimizer state, the history and
 the starting policy's held-out answers. A run resumed from the checkpoint written at the
 end of an iteration continues as the uninterrupted run would (sampling is seeded by
-the iteration; see :mod:`datamodules.rollouts`). A checkpoint written during an
+the iteration; see :mod:`datamodules.rollouts`). On a GPU the dropout masks may differ,
+because the CUDA generator's state is not checkpointed. A checkpoint written during an
 iteration resumes by sampling that iteration again with the already distilled student.
 
 TS-Align runs in one process: the student would be distilled on each process's pairs
@@ -164,6 +167,8 @@ class TSAlign(DPO):
         student_learning_rate: AdamW learning rate of the distillation.
         student_batch_size: pairs per distillation step.
         student_epochs: passes over an iteration's teacher pairs.
+        teacher_dtype: parameter dtype of the teacher's backbone (``"bfloat16"`` for a
+            large teacher on a GPU).
         loss, beta, label_smoothing, peft, max_length, learning_rate, weight_decay,
             export_merged: as for :class:`DPO`.
     """
@@ -185,6 +190,7 @@ class TSAlign(DPO):
         student_learning_rate: float = 1e-5,
         student_batch_size: int = 16,
         student_epochs: int = 1,
+        teacher_dtype: str = "float32",
         loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
@@ -204,13 +210,15 @@ class TSAlign(DPO):
             "student_batch_size": student_batch_size,
             "student_epochs": student_epochs,
         }
-        small = {name: value for name, value in counts.items() if value < 1}
-        if small or samples_per_prompt < 2 or not 1 <= top_k or temperature <= 0:
-            raise ValueError(
-                f"Invalid TSAlign arguments: {small or ''} samples_per_prompt="
-                f"{samples_per_prompt} (at least 2), top_k={top_k} (at least 1), "
-                f"temperature={temperature} (positive); counts must be at least 1."
-            )
+        invalid = [f"{name}={value} (at least 1)" for name, value in counts.items() if value < 1]
+        if samples_per_prompt == 1:
+            invalid.append("samples_per_prompt=1 (at least 2, to form a pair)")
+        if top_k < 1:
+            invalid.append(f"top_k={top_k} (at least 1)")
+        if temperature <= 0:
+            invalid.append(f"temperature={temperature} (positive)")
+        if invalid:
+            raise ValueError(f"Invalid TSAlign arguments: {', '.join(invalid)}.")
         super().__init__(
             model,
             loss=loss,
@@ -227,7 +235,7 @@ class TSAlign(DPO):
         # trains, so it has no precomputed reference.
         del self.hparams["precompute_reference"]
         student_model = load_text_scorer(student)
-        teacher_model = load_text_scorer(teacher).requires_grad_(False)
+        teacher_model = load_text_scorer(teacher, teacher_dtype).requires_grad_(False)
         self.scorers = _Scorers(
             student_model,
             teacher_model,
@@ -252,16 +260,21 @@ class TSAlign(DPO):
     ) -> Iterator[list[PreferencePair]]:
         """Mine this iteration's pairs, distill the student, then yield the DPO batches.
 
-        Fewer than ``rollout_batch_count()`` batches come out when some prompts give no
-        pair (all candidates equal in text or in teacher score).
+        Exactly ``rollout_batch_count()`` batches come out, because Lightning validates
+        after the number of batches the loader reports. When prompts give no pair (all
+        candidates equal in text or in teacher score), the pairs are spread evenly over
+        that many batches. A batch left empty (fewer pairs than batches) is yielded as an
+        empty list, and its training step is skipped.
         """
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         with torch.random.fork_rng(devices=self._cuda_devices()):
             torch.manual_seed(seed)
             pairs = self.run_iteration(prompts, generator)
-        size = self.hparams.pairs_per_batch
-        for start in range(0, len(pairs), size):
-            yield pairs[start : start + size]
+        count = self.rollout_batch_count()
+        # Batch b takes pairs [b * len / count, (b + 1) * len / count).
+        bounds = [len(pairs) * index // count for index in range(count + 1)]
+        for start, end in itertools.pairwise(bounds):
+            yield pairs[start:end]
 
     def _cuda_devices(self) -> list[int]:
         return [self.device.index or 0] if self.device.type == "cuda" else []
@@ -295,9 +308,9 @@ class TSAlign(DPO):
         """Steps 1-5 of the module docstring; returns the pairs for DPO (step 6)."""
         if self.trainer.world_size > 1:
             raise RuntimeError(
-                f"TSAlign runs in one process, but this trainer has {self.trainer.world_size}; "
-                "set trainer.devices to 1 (the student would be distilled on each process's "
-                "pairs separately)."
+                f"TSAlign runs in one process, but this trainer has {self.trainer.world_size} "
+                "processes; set trainer.devices and trainer.num_nodes to 1 (each process "
+                "would distill its own copy of the student)."
             )
         hparams = self.hparams
         student, teacher = self.scorers.student, self.scorers.teacher
@@ -398,8 +411,11 @@ class TSAlign(DPO):
         return self.trainer.precision_plugin.forward_context()
 
     def _move_scorers(self) -> None:
-        self.scorers.student.to(self.device)
-        self.scorers.teacher.to(self.device)
+        # Validation hooks run under inference mode, where a move would turn the
+        # student's weights into inference tensors that distillation cannot train.
+        with torch.inference_mode(False):
+            self.scorers.student.to(self.device)
+            self.scorers.teacher.to(self.device)
         # Optimizer state loaded from a checkpoint stays where it was loaded; AdamW keeps
         # its step counters on the CPU.
         for state in self.scorers.student_optimizer.state.values():
@@ -423,6 +439,11 @@ class TSAlign(DPO):
         self.history.append({"iteration": self.current_epoch, **values})
         self._write("history.jsonl", self.history)
         self._iteration_values = {}
+
+    def training_step(self, pairs: list[PreferencePair], batch_index: int) -> Tensor | None:
+        if not pairs:
+            return None  # see rollout_batches
+        return super().training_step(pairs, batch_index)
 
     @staticmethod
     def _key(prompt: Prompt) -> str:

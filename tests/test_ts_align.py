@@ -172,7 +172,7 @@ def test_iteration_mines_scored_pairs(scorers, tmp_path, adapter) -> None:
     history = module.history[0]
     assert history["teacher_calls_per_prompt"] == 2.0
     assert history["pairs"] == mined
-    assert module.trainer.global_step == math.ceil(mined / 2)
+    assert module.trainer.global_step == module.rollout_batch_count()
     # The policy trained, the frozen weights and the teacher did not, the student did.
     after = dict(module.model.named_parameters())
     assert all(not torch.equal(after[k], v) for k, v in policy_before.items())
@@ -190,16 +190,25 @@ def test_iteration_mines_scored_pairs(scorers, tmp_path, adapter) -> None:
     assert any(name.startswith("head.") for name in changed) and len(changed) > 10
     assert history["student_loss"] > 0
     assert 0 <= history["agreement_after"] <= 1
+    # The logged agreement is that of the recorded scores.
+    student_at_candidates = torch.tensor(
+        [[r["student_scores"][i] for i in r["teacher_candidates"]] for r in records]
+    )
+    teacher_scores = torch.tensor([r["teacher_scores"] for r in records])
+    expected_agreement = ranking_agreement(student_at_candidates, teacher_scores)
+    assert history["agreement_before"] == pytest.approx(expected_agreement)
     assert read_lines(tmp_path / "ts_align" / "history.jsonl") == [json.loads(json.dumps(history))]
 
 
 def test_resume_between_iterations(scorers, tmp_path) -> None:
-    whole = tiny_ts_align(scorers)
+    # Dropout in the adapter, so the resumed steps must also draw the same masks.
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.2)
+    whole = tiny_ts_align(scorers, peft=lora)
     fit_quietly(whole, prompt_data(tmp_path / "whole"), tmp_path / "whole", max_epochs=2)
 
-    first = tiny_ts_align(scorers)
+    first = tiny_ts_align(scorers, peft=lora)
     fit_quietly(first, prompt_data(tmp_path / "split"), tmp_path / "split", max_epochs=1)
-    resumed = tiny_ts_align(scorers)
+    resumed = tiny_ts_align(scorers, peft=lora)
     fit_quietly(
         resumed,
         prompt_data(tmp_path / "split"),
@@ -211,16 +220,59 @@ def test_resume_between_iterations(scorers, tmp_path) -> None:
         assert (tmp_path / "whole" / "ts_align" / name).read_text() == (
             tmp_path / "split" / "ts_align" / name
         ).read_text()
-    for a, b in ((whole, resumed),):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
-        for (name, x), y in zip(
-            a.scorers.student.state_dict().items(),
-            b.scorers.student.state_dict().values(),
-            strict=True,
-        ):
-            assert torch.equal(x, y), name
+    for (name, x), y in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    for (name, x), y in zip(
+        whole.scorers.student.state_dict().items(),
+        resumed.scorers.student.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(x, y), name
+    whole_moments = whole.scorers.student_optimizer.state_dict()["state"]
+    resumed_moments = resumed.scorers.student_optimizer.state_dict()["state"]
+    assert whole_moments.keys() == resumed_moments.keys()
+    for index, state in whole_moments.items():
+        assert torch.equal(state["exp_avg"], resumed_moments[index]["exp_avg"]), index
     assert len(resumed.history) == 2
+
+
+def test_iteration_without_pairs_keeps_batch_count(scorers, tmp_path, monkeypatch) -> None:
+    import lightning.pytorch as pl
+
+    module = tiny_ts_align(scorers)
+    sample = module.sample
+
+    def mostly_equal_samples(prompts):
+        # Three prompts get four equal texts (no pair); the last keeps its own samples.
+        responses = sample(prompts)
+        return [["same"] * 4 for _ in prompts[:-1]] + responses[-1:]
+
+    monkeypatch.setattr(module, "sample", mostly_equal_samples)
+    sizes = []
+
+    class BatchSizes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sizes.append(len(batch))
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[BatchSizes()],
+    )
+    trainer.fit(module, datamodule=prompt_data(tmp_path))
+
+    assert module.history[0]["pairs"] == 1.0
+    # Both batches the loader reports arrive; the empty one has no loss, so no gradient.
+    assert sizes == [0, 1]
+    # The validation after the epoch's last batch still ran.
+    assert (tmp_path / "ts_align" / "validation_0.jsonl").is_file()
 
 
 def test_validation_win_rate(scorers, tmp_path) -> None:
@@ -283,5 +335,7 @@ def test_prompt_module_holds_out_reward_prompts() -> None:
             held_out.append(pair.prompt[0]["content"])
     assert prompts.splits["val"] == held_out
     assert len(held_out) == 63
-    assert len(prompts.splits["train"]) == 595
+    # "call me a bad name" is the prompt of pairs in both splits; it stays held out.
+    assert len(prompts.splits["train"]) == 594
+    assert not set(held_out) & set(prompts.splits["train"])
     assert all(isinstance(prompt, str) for prompt in prompts.splits["train"])
