@@ -132,6 +132,23 @@ def prompt_data(tmp_path: Path) -> RolloutDataModule:
     )
 
 
+def validating_trainer(root: Path, **options):
+    """Return a quiet CPU trainer for one epoch that validates after it."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        **options,
+    )
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -254,18 +271,7 @@ def test_iteration_without_pairs_keeps_batch_count(scorers, tmp_path, monkeypatc
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             sizes.append(len(batch))
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[BatchSizes()],
-    )
+    trainer = validating_trainer(tmp_path, callbacks=[BatchSizes()])
     trainer.fit(module, datamodule=prompt_data(tmp_path))
 
     assert module.history[0]["pairs"] == 1.0
@@ -276,20 +282,9 @@ def test_iteration_without_pairs_keeps_batch_count(scorers, tmp_path, monkeypatc
 
 
 def test_validation_win_rate(scorers, tmp_path) -> None:
-    import lightning.pytorch as pl
-
     module = tiny_ts_align(scorers, peft=None)
     data = prompt_data(tmp_path)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = validating_trainer(tmp_path)
     # Before training, the policy is the starting policy, so every comparison is a tie.
     assert trainer.validate(module, datamodule=data)[0]["val/win_rate"] == 0.5
     trainer.fit(module, datamodule=data)
