@@ -311,11 +311,51 @@ def test_validation_win_rate(scorers, tmp_path) -> None:
     assert logged == pytest.approx(sum(expected) / len(expected))
 
 
+def test_multi_turn_prompts(scorers, tmp_path) -> None:
+    conversations = [
+        [
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": prompt},
+        ]
+        for prompt in PROMPTS
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": messages, "chosen": "Yes.", "rejected": "No."}) + "\n"
+            for messages in conversations
+        )
+    )
+    data = RolloutDataModule(PreferencePromptDataModule(str(path), val_size=2), seed=3)
+    module = tiny_ts_align(scorers)
+    trainer = validating_trainer(tmp_path)
+    trainer.fit(module, datamodule=data)
+
+    records = read_lines(tmp_path / "ts_align" / "iteration_0.jsonl")
+    assert all(record["prompt"] in conversations for record in records)
+    answers = read_lines(tmp_path / "ts_align" / "validation_0.jsonl")
+    assert len(answers) == 2
+    assert all(answer["prompt"] in conversations for answer in answers)
+    assert len(module.base_answers) == 2
+
+
+def test_checkpoint_without_ts_align_state_rejected(scorers) -> None:
+    module = tiny_ts_align(scorers)
+    checkpoint = {"state_dict": module.state_dict()}
+    with pytest.raises(KeyError, match="no TS-Align state"):
+        module.on_load_checkpoint(checkpoint)
+
+
 def test_arguments_are_checked(scorers) -> None:
     with pytest.raises(ValueError, match="samples_per_prompt=1"):
         tiny_ts_align(scorers, samples_per_prompt=1)
     with pytest.raises(ValueError, match="top_k=0"):
         tiny_ts_align(scorers, top_k=0)
+    with pytest.raises(ValueError, match=r"temperature=0\.0 \(positive\)"):
+        tiny_ts_align(scorers, temperature=0.0)
+    with pytest.raises(ValueError, match=r"pairs_per_batch=0 \(at least 1\)"):
+        tiny_ts_align(scorers, pairs_per_batch=0)
 
 
 @pytest.mark.skipif(not HH_TEST.is_file(), reason=f"HH-RLHF not found at {HH_TEST}")
