@@ -17,9 +17,9 @@ is how our module renders them too.
 
 Each (framework, setting) runs in a fresh Python process with ``--threads`` torch
 threads. A step is timed from the moment its batch is ready to the end of its optimizer
-update (Lightning's ``on_train_batch_start`` to ``on_train_batch_end``; the Hugging Face
-Trainer's ``on_step_begin`` to ``on_step_end``); the median of ``--steps`` steps after
-``--warmup`` untimed ones is reported. Our step includes tokenization, which TRL does
+update: Lightning's ``on_train_batch_start`` to ``on_train_batch_end``, and the Hugging
+Face Trainer's ``on_step_begin`` to ``on_step_end``. The table reports the median of
+``--steps`` steps after ``--warmup`` untimed ones. Our step includes tokenization, which TRL does
 once before training. TRL is a dependency of this script only
 (``pip install trl``).
 
@@ -252,6 +252,7 @@ def main() -> None:
         "--worker", nargs=2, metavar=("FRAMEWORK", "SETTING"), help=argparse.SUPPRESS
     )
     arguments = parser.parse_args()
+
     if arguments.worker:
         framework, name = arguments.worker
         worker(
@@ -263,6 +264,7 @@ def main() -> None:
             arguments.max_chars,
         )
         return
+
     results = {}
     for name in arguments.settings:
         for framework in ("ours", "trl"):
@@ -291,6 +293,7 @@ def main() -> None:
                 f"over {len(result['times'])} steps",
                 flush=True,
             )
+
     table = format_table(results, arguments.settings)
     print(f"\n{platform.machine()}, {arguments.threads} threads\n\n{table}")
     if arguments.markdown:

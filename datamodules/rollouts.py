@@ -116,9 +116,9 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         prompts = [prompt for batch in self.prompts.train_dataloader() for prompt in batch]
         # batch_size=None: the module's batches pass through as they are. Each new
-        # iterator draws a seed from ``generator`` instead of the global generator, because
-        # a resumed run creates its first iterator before the checkpoint's RNG state is
-        # restored, and a global draw would shift the dropout masks of the training steps.
+        # iterator draws a seed from ``generator``, not from the global generator. A resumed
+        # run creates its first iterator before the checkpoint's RNG state is restored, so
+        # a global draw would shift the dropout masks of the training steps.
         return DataLoader(
             RolloutDataset(method, prompts, self.seed),
             batch_size=None,

@@ -1,7 +1,7 @@
 """TS-Align: DPO on preference pairs mined from the policy's own samples.
 
 A cheap student reward model and an expensive teacher reward model label the policy's
-responses; no human labels are needed after the reward models are trained. One
+responses, so no human labels are needed once the reward models are trained. One
 Lightning epoch is one TS-Align iteration, so ``trainer.max_epochs`` is the number of
 iterations. At the start of an epoch, for each of ``prompts_per_iteration`` prompts
 drawn from the training prompts:
@@ -159,7 +159,7 @@ class TSAlign(DPO):
         top_k: k; the teacher scores the student's top k and bottom k.
         prompts_per_iteration: prompts drawn (with replacement) per iteration.
         pairs_per_batch: mined pairs per DPO step.
-        max_new_tokens: longest sampled or validation answer, in tokens.
+        max_new_tokens: maximum new tokens of a sampled response or a validation answer.
         temperature: sampling temperature.
         top_p: nucleus sampling threshold.
         generation_batch_size: prompts per ``generate`` call (each makes N rows).
@@ -324,11 +324,10 @@ class TSAlign(DPO):
             [responses[row][i] for i in indices] for row, indices in enumerate(candidates.tolist())
         ]
         width = candidates.shape[1]
-        teacher_scores = self._score(
-            teacher,
-            [prompt for prompt in prompts for _ in range(width)],
-            [text for texts in candidate_texts for text in texts],
-        ).view(len(prompts), width)
+        candidate_prompts = [prompt for prompt in prompts for _ in range(width)]
+        candidate_flat = [text for texts in candidate_texts for text in texts]
+        teacher_scores = self._score(teacher, candidate_prompts, candidate_flat)
+        teacher_scores = teacher_scores.view(len(prompts), width)
         agreement_before = ranking_agreement(student_scores.gather(1, candidates), teacher_scores)
 
         epoch = self.current_epoch
@@ -359,11 +358,8 @@ class TSAlign(DPO):
         self._write(f"iteration_{epoch}.jsonl", records)
 
         student_loss = self.distill(distill_pairs, generator)
-        student_after = self._score(
-            student,
-            [prompt for prompt in prompts for _ in range(width)],
-            [text for texts in candidate_texts for text in texts],
-        ).view(len(prompts), width)
+        student_after = self._score(student, candidate_prompts, candidate_flat)
+        student_after = student_after.view(len(prompts), width)
         self._iteration_values = {
             "agreement_before": agreement_before,
             "agreement_after": ranking_agreement(student_after, teacher_scores),

@@ -374,3 +374,21 @@ def test_prompt_module_holds_out_reward_prompts() -> None:
     assert len(prompts.splits["train"]) == 594
     assert not set(held_out) & set(prompts.splits["train"])
     assert all(isinstance(prompt, str) for prompt in prompts.splits["train"])
+
+
+def test_summary_script_row() -> None:
+    from scripts.ts_align_summary import summarize
+
+    records = [
+        {"win": 1.0, "answer": "I'm sorry, no.", "base_answer": "Sure thing."},
+        {"win": 0.5, "answer": "Same", "base_answer": "Same"},
+        {"win": 0.0, "answer": "Yes", "base_answer": "  I cannot help."},
+    ]
+    row = summarize(records)
+    assert row["win_rate"] == pytest.approx(0.5)
+    assert (row["wins"], row["ties"], row["losses"]) == (1, 1, 1)
+    # Policy lengths 14, 4, 3; starting policy's 11, 4, 16.
+    assert row["length"] == pytest.approx(7.0)
+    assert row["base_length"] == pytest.approx(31 / 3)
+    assert row["refusals"] == 1
+    assert row["base_refusals"] == 1
